@@ -50,7 +50,8 @@ class Config:
     num_timesteps: int = 1000           # T
     beta_start: float = 1e-4            # β_0, linear schedule as in the DDPM paper
     beta_end: float = 0.02              # β_{T−1}
-    objective: str = "eps"              # "eps": predict ε (DDPM); "flow": predict v = ε − x0 (rectified flow)
+    objective: str = "eps"              # "eps": DDPM noise schedule (seed 000); "flow": rectified flow (seed 003)
+    prediction: str = "v"               # DDPM only. "eps": the network outputs ε_θ; "v": it outputs v, converted to ε_θ
     # model (DiT, Peebles & Xie 2023)
     cond: bool = False                  # `train --cond`: cross-attention to a label; otherwise unconditional (seed part A)
     patch_size: int = 4                 # 4 → 7×7 = 49 tokens; 2 → 196 tokens, ~4× slower on a CPU
@@ -114,6 +115,14 @@ class NoiseScheduler(nn.Module):
             noise = torch.randn_like(x0)
         x_t = per_sample(self.sqrt_alpha_bar, t, x0) * x0 + per_sample(self.sqrt_one_minus_alpha_bar, t, x0) * noise
         return x_t, noise
+
+    def velocity(self, x0, t, noise):
+        """The v-prediction target (Salimans & Ho 2022): v = √ᾱ_t·ε − √(1−ᾱ_t)·x0; at high noise v ≈ −x0."""
+        return per_sample(self.sqrt_alpha_bar, t, x0) * noise - per_sample(self.sqrt_one_minus_alpha_bar, t, x0) * x0
+
+    def noise_from_velocity(self, x_t, t, pred_velocity):
+        """ε_θ = √ᾱ_t·v_θ + √(1−ᾱ_t)·x_t: a v-predicting network feeds the same ε formulas as an ε-predicting one."""
+        return per_sample(self.sqrt_alpha_bar, t, x_t) * pred_velocity + per_sample(self.sqrt_one_minus_alpha_bar, t, x_t) * x_t
 
     def predict_x0(self, x_t, t, pred_noise):
         """Invert the forward process: x0 = (x_t − √(1−ᾱ_t)·ε_θ) / √ᾱ_t."""
@@ -373,13 +382,14 @@ def training_loss(model, scheduler, x0, labels, config):
         noise = torch.randn_like(x0)
         pred = model(flow_interpolate(x0, s, noise), s * (config.num_timesteps - 1), labels)
         return (pred - (noise - x0)).pow(2).mean(dim=(1, 2, 3)), s
-    # DDPM: t ~ Uniform{0, …, T−1}, x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε, loss ‖ε − ε_θ(x_t, t, c)‖²
+    # DDPM: t ~ Uniform{0, …, T−1}, x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε, loss ‖ε − ε_θ(x_t, t, c)‖² (or ‖v − v_θ‖²)
     t = torch.randint(0, config.num_timesteps, (B,), device=x0.device)
     x_t, noise = scheduler.noise_image(x0, t)
-    per_image = (model(x_t, t, labels) - noise).pow(2).mean(dim=(1, 2, 3))   # [B]
-    if config.min_snr_gamma > 0:
+    target = noise if config.prediction == "eps" else scheduler.velocity(x0, t, noise)
+    per_image = (model(x_t, t, labels) - target).pow(2).mean(dim=(1, 2, 3))     # [B]
+    if config.min_snr_gamma > 0:  # min-SNR-γ (Hang et al. 2023): weight min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v
         snr = scheduler.snr[t]
-        per_image = per_image * snr.clamp(max=config.min_snr_gamma) / snr   # min-SNR-γ: weight min(SNR, γ)/SNR
+        per_image = per_image * snr.clamp(max=config.min_snr_gamma) / (snr if config.prediction == "eps" else snr + 1)
     return per_image, t.float() / config.num_timesteps
 
 
@@ -542,15 +552,19 @@ def generate(model, scheduler, config, labels, *, shape, guidance_scale, sampler
     """
     device = next(model.parameters()).device
     x = gaussian_like(torch.empty(shape, device=device), generator)                  # x_T ~ N(0, I)   [B, 1, 28, 28]
-    predict = lambda x, t: guided_prediction(model, x, t, labels, guidance_scale, negative_labels)
     batch_t = lambda value: torch.full((shape[0],), value, device=device, dtype=torch.float32)
+
+    def predict(x, t):  # the guided network output at timestep t, as ε_θ for DDPM models (as v for flow models)
+        output = guided_prediction(model, x, batch_t(t), labels, guidance_scale, negative_labels)
+        return scheduler.noise_from_velocity(x, t, output) if config.objective == "eps" and config.prediction == "v" else output
+
     if sampler == "euler":
         # rectified flow: integrate dx/ds = v_θ(x, s) from s = strength down to 0 with Euler steps
         if init_images is not None:
             x = flow_interpolate(init_images, batch_t(strength), x)                  # x_s = (1−s)·x0 + s·ε
         grid = torch.linspace(strength, 0, steps + 1).tolist()
         for s, s_next in zip(grid[:-1], grid[1:]):
-            x = euler_step(x, s, s_next, predict(x, batch_t(s * (config.num_timesteps - 1))))
+            x = euler_step(x, s, s_next, predict(x, s * (config.num_timesteps - 1)))
             frames is not None and frames.append(x)
         return x
     start_t = round(strength * (config.num_timesteps - 1))
@@ -558,12 +572,12 @@ def generate(model, scheduler, config, labels, *, shape, guidance_scale, sampler
         x, _ = scheduler.noise_image(init_images, start_t, noise=x)                  # img2img: x_t from the image
     if sampler == "ddpm":
         for t in range(start_t, -1, -1):
-            x = scheduler.sample_prev_image_distribution(x, t, predict(x, batch_t(t)), generator, clip_x0=config.clip_x0)
+            x = scheduler.sample_prev_image_distribution(x, t, predict(x, t), generator, clip_x0=config.clip_x0)
             frames is not None and frames.append(x)
         return x
     timesteps = sampling_timesteps(start_t, steps)
     for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
-        x = scheduler.ddim_step(x, t, t_prev, predict(x, batch_t(t)), clip_x0=config.clip_x0)
+        x = scheduler.ddim_step(x, t, t_prev, predict(x, t), clip_x0=config.clip_x0)
         frames is not None and frames.append(x)
     return x
 
@@ -785,16 +799,22 @@ def sample(args):
     init = None
     if args.init_image:
         init = load_init_image(args.init_image, config.image_size).to(device).expand(count, -1, -1, -1)
-    frames = [] if args.gif else None
-    images = generate(model, scheduler, config, labels, shape=(count, 1, config.image_size, config.image_size),
-                      guidance_scale=config.guidance_scale if args.guidance_scale is None else args.guidance_scale,
-                      sampler=sampler, steps=steps, negative_labels=negative, init_images=init,
-                      strength=args.strength if init is not None else 1.0,
-                      generator=torch.Generator().manual_seed(args.seed), frames=frames)
-    save_grid(images, args.output, nrow=nrow)
-    print(f"wrote {args.output} ({count} images, {sampler} with {steps} steps)")
+    scales = args.guidance_scale or [config.guidance_scale]
+    if len(scales) > 1 and args.label is None:
+        raise CliError("several --guidance-scale values draw one row per scale; give a --label too")
+    rows, frames = [], []
+    for w in scales:  # the same seed for every scale: each column starts from the same noise
+        row_frames = [] if args.gif else None
+        rows.append(generate(model, scheduler, config, labels, shape=(count, 1, config.image_size, config.image_size),
+                             guidance_scale=w, sampler=sampler, steps=steps, negative_labels=negative, init_images=init,
+                             strength=args.strength if init is not None else 1.0,
+                             generator=torch.Generator().manual_seed(args.seed), frames=row_frames))
+        frames.append(row_frames)
+    nrow = nrow if len(scales) == 1 else args.n
+    save_grid(torch.cat(rows), args.output, nrow=nrow)
+    print(f"wrote {args.output} ({count * len(scales)} images, {sampler} with {steps} steps)")
     if args.gif:
-        save_animation(frames, args.gif, nrow)
+        save_animation([torch.cat(step) for step in zip(*frames)], args.gif, nrow)
         print(f"wrote {args.gif}")
 
 
@@ -809,6 +829,13 @@ def positive_int(text):
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
     return int(text)
+
+
+def guidance_scales(text):
+    try:
+        return [float(value) for value in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number or comma-separated numbers, got {text!r}") from None
 
 
 def strength_value(text):
@@ -843,6 +870,8 @@ def build_parser():
     train_parser.add_argument("--cond", action="store_true", help="conditional model: cross-attention to the label, label dropout for CFG")
     train_parser.add_argument("--objective", choices=["eps", "flow"], default=defaults.objective,
                               help="eps: DDPM noise prediction; flow: rectified-flow velocity prediction (default: eps)")
+    train_parser.add_argument("--prediction", choices=["eps", "v"], default=defaults.prediction,
+                              help="what the network outputs for the DDPM objective: ε or v = √ᾱ·ε − √(1−ᾱ)·x0 (default: v)")
     train_parser.add_argument("--epochs", type=positive_int, default=defaults.epochs, help=f"passes over the data (default: {defaults.epochs})")
     train_parser.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps (overrides --epochs)")
     train_parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help=f"images per step (default: {defaults.batch_size})")
@@ -861,7 +890,8 @@ def build_parser():
     sample_parser.add_argument("--label", type=digit, default=None, help="digit to draw; without it a conditional model draws one row per digit")
     sample_parser.add_argument("--negative-label", type=digit, default=None, help="digit to steer away from (fills the unconditional branch)")
     sample_parser.add_argument("--n", type=positive_int, default=16, help="number of images (per digit without --label) (default: 16)")
-    sample_parser.add_argument("--guidance-scale", type=float, default=None, help=f"w in ε_∅ + w·(ε_c − ε_∅) (default: the checkpoint's, {defaults.guidance_scale})")
+    sample_parser.add_argument("--guidance-scale", type=guidance_scales, default=None,
+                               help=f"w in ε_∅ + w·(ε_c − ε_∅); several, comma-separated, draw one row each (default: {defaults.guidance_scale})")
     sample_parser.add_argument("--sampler", choices=["ddim", "ddpm", "euler"], default=None, help="ddim (few steps), ddpm (all T steps), euler (flow models) (default: the checkpoint's)")
     sample_parser.add_argument("--steps", type=positive_int, default=None, help=f"ddim/euler steps (default: {defaults.sample_steps})")
     sample_parser.add_argument("--init-image", default=None, help="image-to-image: start from this picture (resized to 28×28, grey)")
