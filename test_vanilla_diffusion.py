@@ -38,7 +38,7 @@ def scheduler():
 
 
 def tiny_config(**overrides):
-    base = dict(width=32, depth=2, heads=2, label_tokens=2, cond=True)
+    base = dict(width=32, depth=2, heads=2, label_tokens=2, conv_channels=8, cond=True)
     return vd.Config(**{**base, **overrides})
 
 
@@ -141,6 +141,18 @@ def test_true_noise_gives_back_x0_and_ddim_eta0_recovers_it_exactly(scheduler, t
     if t_prev >= 0:
         torch.testing.assert_close(scheduler.ddim_step(x_t, t, t_prev, noise), scheduler.noise_image(x0, t_prev, noise)[0],
                                    atol=tolerance, rtol=0)
+
+
+@given(t=timesteps, seed=st.integers(0, 2**16))
+def test_velocity_target_converts_back_to_the_true_noise(scheduler, t, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(3, 1, 5, 5, generator=generator) * 2 - 1
+    noise = torch.randn(x0.shape, generator=generator)
+    x_t, _ = scheduler.noise_image(x0, t, noise)
+    velocity = scheduler.velocity(x0, t, noise)  # v = √ᾱ_t·ε − √(1−ᾱ_t)·x0
+    torch.testing.assert_close(scheduler.noise_from_velocity(x_t, t, velocity), noise, atol=1e-5, rtol=1e-5)
+    if t == T - 1:  # at the noisiest step v is almost −x0: the network predicts the image, not the noise
+        torch.testing.assert_close(velocity, -x0, atol=0.01, rtol=0)
 
 
 def posterior_mean(scheduler, x0, x_t, t):
@@ -247,8 +259,9 @@ def test_patchify_then_unpatchify_is_the_identity(batch, patch, channels):
 
 
 @pytest.mark.parametrize("cond", [True, False])
-def test_dit_output_shape_equals_input_shape(device, cond):
-    model = vd.DiT(tiny_config(cond=cond)).to(device)
+@pytest.mark.parametrize("conv_channels", [0, 8])
+def test_dit_output_shape_equals_input_shape(device, cond, conv_channels):
+    model = randomized(vd.DiT(tiny_config(cond=cond, conv_channels=conv_channels))).to(device)
     for batch in (1, 3):
         x = torch.randn(batch, 1, 28, 28, device=device)
         labels = torch.randint(0, 11, (batch,), device=device) if cond else None
@@ -256,10 +269,11 @@ def test_dit_output_shape_equals_input_shape(device, cond):
         assert out.shape == x.shape and out.device == x.device
 
 
-def test_dit_starts_by_predicting_zero():
-    model = vd.DiT(tiny_config())
+@pytest.mark.parametrize("conv_channels", [0, 8])
+def test_dit_starts_by_predicting_zero(conv_channels):
+    model = vd.DiT(tiny_config(conv_channels=conv_channels))
     out = model(torch.randn(2, 1, 28, 28), torch.tensor([3, 900]), torch.tensor([1, 10]))
-    assert torch.equal(out, torch.zeros_like(out))  # adaLN-Zero: every block starts as the identity
+    assert torch.equal(out, torch.zeros_like(out))  # adaLN-Zero: the last layer starts at zero
 
 
 def test_changing_the_label_changes_the_output(device):
@@ -432,7 +446,7 @@ def tiny_mnist(tmp_path_factory):
     return str(root)
 
 
-TINY_MODEL = ["--width", "32", "--depth", "1", "--batch-size", "16"]
+TINY_MODEL = ["--width", "32", "--depth", "1", "--conv-channels", "8", "--batch-size", "16"]
 
 
 def run_cli(*args, cwd):

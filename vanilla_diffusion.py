@@ -59,6 +59,7 @@ class Config:
     depth: int = 6                      # number of transformer blocks
     heads: int = 4                      # attention heads, D / heads = 32 channels each
     mlp_ratio: int = 4                  # MLP hidden width = mlp_ratio · D
+    conv_channels: int = 16             # 3×3 conv stem before patchify and conv head after it (0: plain linear patches)
     label_tokens: int = 4               # condition tokens per label; with the timestep token, 5 keys for cross-attention
     # training
     batch_size: int = 128               # images per step
@@ -288,21 +289,26 @@ class DiT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        D, p = config.width, config.patch_size
+        D, p, C = config.width, config.patch_size, config.conv_channels
         self.config = config
-        self.patch_embed = nn.Linear(p * p, D)                                     # a p×p patch → one token
+        if C:  # local pixel features at full resolution, before and after the transformer (a U-Net-style skip)
+            self.stem = nn.Sequential(nn.Conv2d(1, C, 3, padding=1), nn.GELU(), nn.Conv2d(C, C, 3, padding=1))
+            self.head = nn.Sequential(nn.Conv2d(2 * C, C, 3, padding=1), nn.GELU(), nn.Conv2d(C, 1, 3, padding=1))
+        self.pixel_channels = C or 1
+        self.patch_embed = nn.Linear(self.pixel_channels * p * p, D)               # a p×p patch → one token
         grid = config.image_size // p
         self.register_buffer("pos_embed", position_embedding_2d(grid, D)[None], persistent=False)  # [1, N, D]
         self.time_mlp = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
         if config.cond:
             # 11 rows: digits 0–9 and ∅; each row is `label_tokens` tokens for the cross-attention to look at
+            # N(0, 1) rows: as large as the timestep token beside them, so the label is heard from the first step
             self.label_embed = nn.Embedding(NUM_CLASSES + 1, config.label_tokens * D)
-            nn.init.normal_(self.label_embed.weight, std=0.02)
         self.blocks = nn.ModuleList(DiTBlock(D, config.heads, config.mlp_ratio, config.cond) for _ in range(config.depth))
         self.final_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.final_ada_ln = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
-        self.final_linear = nn.Linear(D, p * p)
-        for layer in (self.final_ada_ln[1], self.final_linear):  # adaLN-Zero: the model starts by predicting 0
+        self.final_linear = nn.Linear(D, self.pixel_channels * p * p)
+        last = self.head[-1] if C else self.final_linear
+        for layer in (self.final_ada_ln[1], last):  # adaLN-Zero: the model starts by predicting 0
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -315,14 +321,18 @@ class DiT(nn.Module):
     def forward(self, x_t, t, labels=None):
         # x_t: [B, 1, 28, 28]; t: [B] timesteps in [0, T−1] (fractional for flow); labels: [B] in 0..10
         p = self.config.patch_size
-        x = self.patch_embed(patchify(x_t, p)) + self.pos_embed                  # [B, N, D], N = (28/p)²
+        pixels = self.stem(x_t) if self.config.conv_channels else x_t            # [B, C, 28, 28]
+        x = self.patch_embed(patchify(pixels, p)) + self.pos_embed               # [B, N, D], N = (28/p)²
         time_emb = self.time_mlp(timestep_embedding(t, x.shape[-1]))             # [B, D]
         cond = self.condition_tokens(labels, time_emb) if self.config.cond else None  # [B, M, D]
         for block in self.blocks:
             x = block(x, time_emb, cond)                                         # [B, N, D]
         shift, scale = self.final_ada_ln(time_emb)[:, None].chunk(2, dim=-1)     # [B, 1, D] each
-        x = self.final_linear(modulate(self.final_norm(x), shift, scale))        # [B, N, p·p]
-        return unpatchify(x, p)                                                  # [B, 1, 28, 28]
+        x = self.final_linear(modulate(self.final_norm(x), shift, scale))        # [B, N, C·p·p]
+        x = unpatchify(x, p, self.pixel_channels)                                # [B, C, 28, 28]
+        if self.config.conv_channels:
+            x = self.head(torch.cat([x, pixels], dim=1))                         # [B, 1, 28, 28]
+        return x
 
 
 def count_parameters(model):
@@ -879,7 +889,7 @@ def build_parser():
     train_parser.add_argument("--label-drop", type=float, default=defaults.label_drop, help=f"probability of replacing a label with ∅ (default: {defaults.label_drop})")
     train_parser.add_argument("--out-dir", default="runs", help="where the checkpoint and sample grids go (default: runs)")
     train_parser.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
-    for field in ("patch_size", "width", "depth", "min_snr_gamma", "warmup_steps"):  # model and schedule knobs, for experiments
+    for field in ("patch_size", "width", "depth", "conv_channels", "min_snr_gamma", "warmup_steps"):  # model and schedule knobs, for experiments
         kind = next(f.type for f in fields(Config) if f.name == field)
         train_parser.add_argument("--" + field.replace("_", "-"), type=float if kind in (float, "float") else int,
                                   default=getattr(defaults, field), help=f"(default: {getattr(defaults, field)})")
