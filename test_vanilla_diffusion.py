@@ -42,12 +42,12 @@ def tiny_config(**overrides):
     return vd.Config(**{**base, **overrides})
 
 
-def randomized(model, seed=0):
+def randomized(model, seed=0, std=0.3):
     """A model with every weight random: DiT's zero-initialised gates would otherwise hide the wiring."""
     torch.manual_seed(seed)
     with torch.no_grad():
         for parameter in model.parameters():
-            parameter.normal_(0, 0.3)
+            parameter.normal_(0, std)
     return model.eval()
 
 
@@ -331,11 +331,12 @@ def test_guidance_scale_1_is_conditional_0_is_unconditional_and_negative_fills_t
     x = torch.randn(3, 1, 28, 28, device=device)
     t, labels = torch.tensor([5, 400, 999], device=device), torch.tensor([1, 4, 7], device=device)
     cond, uncond = model(x, t, labels), model(x, t, torch.full_like(labels, vd.NULL_LABEL))
-    torch.testing.assert_close(vd.guided_prediction(model, x, t, labels, 1.0), cond, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(vd.guided_prediction(model, x, t, labels, 0.0), uncond, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(vd.guided_prediction(model, x, t, labels, 3.0), uncond + 3 * (cond - uncond), atol=1e-4, rtol=1e-4)
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * cond.abs().max().item())  # batched vs not: float32 rounding, amplified by depth
+    close(vd.guided_prediction(model, x, t, labels, 1.0), cond)
+    close(vd.guided_prediction(model, x, t, labels, 0.0), uncond)
+    close(vd.guided_prediction(model, x, t, labels, 3.0), uncond + 3 * (cond - uncond))
     negative = torch.tensor([2, 2, 2], device=device)
-    torch.testing.assert_close(vd.guided_prediction(model, x, t, labels, 0.0, negative), model(x, t, negative), atol=1e-5, rtol=1e-4)
+    close(vd.guided_prediction(model, x, t, labels, 0.0, negative), model(x, t, negative))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,7 +401,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
 
 def test_img2img_strength_near_zero_keeps_the_image_and_one_ignores_it():
     config = tiny_config()
-    model = randomized(vd.DiT(config))
+    model = randomized(vd.DiT(config), std=0.05)  # outputs of order 1, like a trained model's
     scheduler = vd.NoiseScheduler(T)
     three, eight = synthetic_digits(10)[0][[3, 8]].split(1)
 
