@@ -530,7 +530,12 @@ def test_corrupted_checkpoint_and_unconditional_label_and_bad_image_are_clear_er
     vd.main(["train", "--data-dir", tiny_mnist, "--max-steps", "1", "--out-dir", str(unconditional), *TINY_MODEL])
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("hello")
+    mismatched = tmp_path / "mismatched.pt"
+    state = torch.load(trained, weights_only=True)
+    state["config"]["conv_channels"] = 0  # weights of one architecture, config of another
+    torch.save(state, mismatched)
     cases = [(["sample", "--ckpt", str(corrupted)], "is not a readable VanillaDiffusion checkpoint"),
+             (["sample", "--ckpt", str(mismatched)], "do not fit the model"),
              (["sample", "--ckpt", str(unconditional / "ckpt.pt"), "--label", "3"], "is an unconditional model"),
              (["sample", "--ckpt", trained, "--label", "3", "--init-image", str(not_an_image)], "could not read")]
     capsys.readouterr()
