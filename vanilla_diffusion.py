@@ -70,7 +70,7 @@ class Config:
     ema_decay: float = 0.999            # weights used for sampling: θ_ema ← d·θ_ema + (1 − d)·θ
     min_snr_gamma: float = 5.0          # loss weight min(SNR, γ)/SNR (Hang et al. 2023); 0 turns it off
     # sampling
-    guidance_scale: float = 3.0         # w in ε = ε_∅ + w·(ε_c − ε_∅)
+    guidance_scale: float = 2.0         # w in ε = ε_∅ + w·(ε_c − ε_∅); 2 measured best (README: results)
     sampler: str = "ddim"               # "ddim" (few steps) or "ddpm" (all T steps); flow models use "euler"
     sample_steps: int = 20              # DDIM / Euler steps
     clip_x0: bool = True                # clamp the predicted x0 to [−1, 1] at each step (seed 001)
