@@ -631,7 +631,7 @@ def save_animation(frames, path, nrow, max_frames=60):
     pictures = []
     for i in keep:
         grid = make_grid(to_pixels(frames[i].float().cpu()), nrow=nrow)                 # [3, H, W] in [0, 1]
-        pictures.append(Image.fromarray((grid[0] * 255).round().byte().numpy(), mode="L").resize((grid.shape[2] * 2, grid.shape[1] * 2)))
+        pictures.append(Image.fromarray((grid[0] * 255).round().byte().numpy(), mode="L"))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     pictures[0].save(path, save_all=True, append_images=pictures[1:] + [pictures[-1]] * 10, duration=80, loop=0)
 
