@@ -569,3 +569,18 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(trained, capsys):
 def test_importing_the_module_prints_nothing():
     result = subprocess.run([sys.executable, "-c", "import vanilla_diffusion"], cwd=HERE, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout == "" and result.stderr == ""
+
+
+def test_flow_checkpoint_samples_with_euler_does_img2img_and_refuses_ddpm(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "flow"
+    vd.main(["train", "--cond", "--objective", "flow", "--data-dir", tiny_mnist, "--max-steps", "2", "--out-dir", str(out), *TINY_MODEL])
+    ckpt = str(out / "ckpt.pt")
+    assert vd.load_checkpoint(ckpt)[1].objective == "flow"
+    vd.main(["sample", "--ckpt", ckpt, "--label", "8", "--n", "4", "--steps", "3", "--output", str(tmp_path / "a.png")])
+    vd.main(["sample", "--ckpt", ckpt, "--label", "8", "--n", "4", "--steps", "3", "--init-image", os.path.join(HERE, "assets", "three.png"),
+             "--strength", "0.5", "--output", str(tmp_path / "b.png")])
+    assert "euler with 3 steps" in capsys.readouterr().out
+    assert png_size(tmp_path / "a.png") == png_size(tmp_path / "b.png") == (62, 62)
+    with pytest.raises(SystemExit):
+        vd.main(["sample", "--ckpt", ckpt, "--sampler", "ddpm"])
+    assert "trained with --objective flow" in capsys.readouterr().err
