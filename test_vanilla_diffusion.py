@@ -127,12 +127,17 @@ def test_reverse_step_at_t0_adds_no_noise(scheduler, device):
     scheduler.to("cpu")
 
 
-@given(t=timesteps, seed=st.integers(0, 2**16))
-def test_true_noise_gives_back_x0_and_ddim_eta0_recovers_it_exactly(scheduler, t, seed):
+def noised_sample(scheduler, t, seed):
+    """x0 ~ U[−1, 1], ε ~ N(0, I) and x_t = noise_image(x0, t, ε), for a small seeded batch."""
     generator = torch.Generator().manual_seed(seed)
     x0 = torch.rand(3, 1, 8, 8, generator=generator) * 2 - 1
     noise = torch.randn(x0.shape, generator=generator)
-    x_t, _ = scheduler.noise_image(x0, t, noise)
+    return x0, noise, scheduler.noise_image(x0, t, noise)[0]
+
+
+@given(t=timesteps, seed=st.integers(0, 2**16))
+def test_true_noise_gives_back_x0_and_ddim_eta0_recovers_it_exactly(scheduler, t, seed):
+    x0, noise, x_t = noised_sample(scheduler, t, seed)
     tolerance = 1e-5 / scheduler.sqrt_alpha_bar[t].item()  # float32 error of x_t, amplified by 1/√ᾱ_t
     torch.testing.assert_close(scheduler.predict_x0(x_t, t, noise), x0, atol=tolerance, rtol=0)
     torch.testing.assert_close(scheduler.ddim_step(x_t, t, -1, noise), x0, atol=tolerance, rtol=0)
@@ -145,10 +150,7 @@ def test_true_noise_gives_back_x0_and_ddim_eta0_recovers_it_exactly(scheduler, t
 
 @given(t=timesteps, seed=st.integers(0, 2**16))
 def test_velocity_target_converts_back_to_the_true_noise(scheduler, t, seed):
-    generator = torch.Generator().manual_seed(seed)
-    x0 = torch.rand(3, 1, 5, 5, generator=generator) * 2 - 1
-    noise = torch.randn(x0.shape, generator=generator)
-    x_t, _ = scheduler.noise_image(x0, t, noise)
+    x0, noise, x_t = noised_sample(scheduler, t, seed)
     velocity = scheduler.velocity(x0, t, noise)  # v = √ᾱ_t·ε − √(1−ᾱ_t)·x0
     torch.testing.assert_close(scheduler.noise_from_velocity(x_t, t, velocity), noise, atol=1e-5, rtol=1e-5)
     if t == T - 1:  # at the noisiest step v is almost −x0: the network predicts the image, not the noise

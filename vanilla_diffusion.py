@@ -54,7 +54,7 @@ class Config:
     prediction: str = "v"               # DDPM only. "eps": the network outputs ε_θ; "v": it outputs v, converted to ε_θ
     # model (DiT, Peebles & Xie 2023)
     cond: bool = False                  # `train --cond`: cross-attention to a label; otherwise unconditional (seed part A)
-    patch_size: int = 4                 # 4 → 7×7 = 49 tokens; 2 → 196 tokens, ~4× slower on a CPU
+    patch_size: int = 4                 # 4 → 7×7 = 49 tokens; 2 → 196 tokens, 3–5× slower on a CPU
     width: int = 128                    # D, token width
     depth: int = 6                      # number of transformer blocks
     heads: int = 4                      # attention heads, D / heads = 32 channels each
@@ -68,7 +68,7 @@ class Config:
     epochs: int = 2                     # passes over the 60,000 training images (about 11 minutes on 2 CPU cores)
     label_drop: float = 0.1             # CFG needs the unconditional task too: p(label → ∅)
     ema_decay: float = 0.999            # weights used for sampling: θ_ema ← d·θ_ema + (1 − d)·θ
-    min_snr_gamma: float = 5.0          # loss weight min(SNR, γ)/SNR (Hang et al. 2023); 0 turns it off
+    min_snr_gamma: float = 5.0          # loss weight min(SNR, γ)/SNR for ε, /(SNR + 1) for v (Hang et al. 2023); 0: off
     # sampling
     guidance_scale: float = 2.0         # w in ε = ε_∅ + w·(ε_c − ε_∅); 2 measured best (README: results)
     sampler: str = "ddim"               # "ddim" (few steps) or "ddpm" (all T steps); flow models use "euler"
