@@ -590,7 +590,8 @@ def generate(model, scheduler, config, labels, *, shape, guidance_scale, sampler
         grid = torch.linspace(strength, 0, steps + 1).tolist()
         for s, s_next in zip(grid[:-1], grid[1:]):
             x = euler_step(x, s, s_next, predict(x, s * (config.num_timesteps - 1)))
-            frames is not None and frames.append(x)
+            if frames is not None:
+                frames.append(x)
         return x
     start_t = round(strength * (config.num_timesteps - 1))
     if init_images is not None:
@@ -598,12 +599,14 @@ def generate(model, scheduler, config, labels, *, shape, guidance_scale, sampler
     if sampler == "ddpm":
         for t in range(start_t, -1, -1):
             x = scheduler.sample_prev_image_distribution(x, t, predict(x, t), generator, clip_x0=config.clip_x0)
-            frames is not None and frames.append(x)
+            if frames is not None:
+                frames.append(x)
         return x
     timesteps = sampling_timesteps(start_t, steps)
     for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
         x = scheduler.ddim_step(x, t, t_prev, predict(x, t), clip_x0=config.clip_x0)
-        frames is not None and frames.append(x)
+        if frames is not None:
+            frames.append(x)
     return x
 
 
