@@ -514,6 +514,9 @@ def test_evaluate_prints_accuracy_and_distance_table(trained, tiny_mnist, capsys
     (["sample", "--sampler", "euler"], "--objective flow"),
     (["sample", "--sampler", "ddpm", "--steps", "10"], "all T = 1000 steps"),
     (["sample", "--init-image", "/nonexistent.png", "--label", "3"], "no init image"),
+    (["evaluate", "--guidance-scales", "2,x"], "comma-separated numbers"),
+    (["evaluate", "--samplers", "ddim:abc"], "sampler:steps"),
+    (["evaluate", "--samplers", "ddim:2000"], "--steps must be between 1 and T = 1000"),
 ])
 def test_bad_input_gives_one_clear_line_and_a_nonzero_exit(trained, args, message, capsys):
     if "--ckpt" not in args:

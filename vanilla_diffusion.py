@@ -87,6 +87,12 @@ def per_sample(table, t, x):
     return table[t].reshape(-1, *([1] * (x.dim() - 1)))  # [B, 1, 1, 1] (or [1, 1, 1, 1] for an int)
 
 
+def gaussian_like(x, generator=None):
+    """z ~ N(0, I) shaped like x, drawn on the generator's device so a seed gives the same images on any device."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
 class NoiseScheduler(nn.Module):
     """The DDPM noise schedule and the steps that use it. A module only so that .to(device) moves the tables."""
 
@@ -145,7 +151,7 @@ class NoiseScheduler(nn.Module):
         # 2. the standard deviation: σ_t² = β_t (default) or the posterior variance β̃_t
         variance = per_sample(self.posterior_variance if posterior_variance else self.betas, t, x_t)
         # 3. x_{t−1} = μ + σ_t·z, with z = 0 at t = 0 (the last step adds no noise)
-        z = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        z = gaussian_like(x_t, generator)
         not_last = (torch.as_tensor(t, device=x_t.device) > 0).float().reshape(-1, *([1] * (x_t.dim() - 1)))
         return mean + not_last * variance.sqrt() * z
 
@@ -164,7 +170,7 @@ class NoiseScheduler(nn.Module):
         # 2. σ = η·√((1−ᾱ_prev)/(1−ᾱ_t))·√(1 − ᾱ_t/ᾱ_prev)
         sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar)).sqrt() * (1 - alpha_bar / alpha_bar_prev).sqrt()
         # 3. x_prev = √ᾱ_prev·x0 + √(1−ᾱ_prev−σ²)·ε_θ + σ·z
-        z = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype) if eta > 0 else 0.0
+        z = gaussian_like(x_t, generator) if eta > 0 else 0.0
         return alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt() * pred_noise + sigma * z
 
 
@@ -196,10 +202,9 @@ def timestep_embedding(t, dim, max_period=10000):
 
 def position_embedding_2d(grid, dim):
     """Fixed 2-D sine-cosine position embedding (as in DiT/MAE): half the channels for rows, half for columns."""
-    coords = torch.arange(grid, dtype=torch.float32)
-    rows = timestep_embedding(coords, dim // 2)                              # [grid, D/2]
-    cols = timestep_embedding(coords, dim // 2)                              # [grid, D/2]
-    return torch.cat([rows[:, None].expand(grid, grid, -1), cols[None].expand(grid, grid, -1)], dim=-1).reshape(grid * grid, dim)  # [N, D]
+    axis = timestep_embedding(torch.arange(grid, dtype=torch.float32), dim // 2)                         # [grid, D/2]
+    rows, cols = axis[:, None].expand(grid, grid, -1), axis[None].expand(grid, grid, -1)                  # [grid, grid, D/2]
+    return torch.cat([rows, cols], dim=-1).reshape(grid * grid, dim)                                       # [N, D]
 
 
 def patchify(images, patch_size):
@@ -274,14 +279,16 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, time_emb, cond_tokens=None):
         # x: [B, N, D] image tokens; time_emb: [B, D]; cond_tokens: [B, M, D]
-        mods = self.ada_ln(time_emb)[:, None].chunk(3 * self.num_sublayers, dim=-1)  # each [B, 1, D]
-        h = modulate(self.norm_self(x), mods[0], mods[1])
-        x = x + mods[2] * self.self_attn(h, h)                                     # [B, N, D]  image ↔ image
+        # (shift, scale, gate) per sub-layer, each [B, 1, D]; the cross-attention's three come last (absent if unconditional)
+        shift_sa, scale_sa, gate_sa, shift_mlp, scale_mlp, gate_mlp, *cross = self.ada_ln(time_emb)[:, None].chunk(3 * self.num_sublayers, dim=-1)
+        h = modulate(self.norm_self(x), shift_sa, scale_sa)
+        x = x + gate_sa * self.self_attn(h, h)                                     # [B, N, D]  image ↔ image
         if self.cross_attn is not None:
-            h = modulate(self.norm_cross(x), mods[6], mods[7])
-            x = x + mods[8] * self.cross_attn(h, cond_tokens)                      # [B, N, D]  Q: image, K/V: condition
-        h = modulate(self.norm_mlp(x), mods[3], mods[4])
-        return x + mods[5] * self.mlp(h)                                           # [B, N, D]
+            shift_ca, scale_ca, gate_ca = cross
+            h = modulate(self.norm_cross(x), shift_ca, scale_ca)
+            x = x + gate_ca * self.cross_attn(h, cond_tokens)                      # [B, N, D]  Q: image, K/V: condition
+        h = modulate(self.norm_mlp(x), shift_mlp, scale_mlp)
+        return x + gate_mlp * self.mlp(h)                                          # [B, N, D]
 
 
 class DiT(nn.Module):
@@ -373,7 +380,7 @@ def save_grid(images, path, nrow):
 
 # ---------------------------------------------------------------------------------------------
 # 5. Training: Algorithm 1 (training) of Ho et al. 2020, with label dropout for CFG (seed 000)
-#    Sample x0, t, ε; build x_t with noise_image; regress ε_θ(x_t, t, c) onto ε.
+#    Sample x0, t, ε; build x_t with noise_image; regress the network onto ε (or onto v, which converts to ε).
 # ---------------------------------------------------------------------------------------------
 
 def drop_labels(labels, p, generator=None):
@@ -490,7 +497,7 @@ def train(config, args):
     print(f"{kind} DiT, {count_parameters(model) / 1e6:.2f} M parameters, objective {config.objective}, "
           f"{len(images)} images, {total_steps} steps of {config.batch_size} on {device}", flush=True)
     model.train()  # label dropout happens inside training_loss; nothing else differs between train and eval here
-    bucket_loss, bucket_count = torch.zeros(10), torch.zeros(10)
+    bucket_loss, bucket_count = torch.zeros(10, device=device), torch.zeros(10, device=device)  # loss per tenth of t
     step, last_print, started, done_since_start = start_step, time.time(), time.time(), 0
     try:
         order, order_epoch = None, None
@@ -511,9 +518,9 @@ def train(config, args):
             update_ema(ema, model, ema_decay_at(step, config))
             step += 1
             done_since_start += 1
-            buckets = (time_fraction * 10).long().clamp(0, 9).cpu()
-            bucket_loss.index_add_(0, buckets, per_image.detach().float().cpu())
-            bucket_count.index_add_(0, buckets, torch.ones_like(per_image, device="cpu"))
+            buckets = (time_fraction * 10).long().clamp(0, 9)
+            bucket_loss.index_add_(0, buckets, per_image.detach().float())
+            bucket_count.index_add_(0, buckets, torch.ones_like(per_image))
             now = time.time()
             if now - last_print > 5 or step == total_steps:
                 rate = done_since_start * config.batch_size / (now - started)
@@ -541,12 +548,6 @@ def train(config, args):
 # 6. Sampling: classifier-free guidance (Ho & Salimans 2022), negative labels and image-to-image (seed 002)
 #    ε = ε_∅ + w·(ε_c − ε_∅); the ∅ branch may hold a negative label; img2img starts from a noised image.
 # ---------------------------------------------------------------------------------------------
-
-def gaussian_like(x, generator=None):
-    """z ~ N(0, I) shaped like x, drawn on the generator's device so a seed gives the same images on any device."""
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
-
 
 def guided_prediction(model, x, t, labels, guidance_scale, negative_labels=None):
     """One batched forward pass of [cond; uncond], then ε = ε_uncond + w·(ε_cond − ε_uncond) on the whole output.
@@ -730,6 +731,8 @@ def parse_sampler_settings(text, config):
     settings = []
     for item in filter(None, text.split(",")):
         name, _, steps = item.partition(":")
+        if steps and not steps.isdigit():
+            raise CliError(f"--samplers takes sampler:steps items such as ddim:20,ddpm; got {item!r}")
         settings.append((name, int(steps) if steps else config.num_timesteps if name == "ddpm" else config.sample_steps))
     return settings
 
@@ -737,6 +740,9 @@ def parse_sampler_settings(text, config):
 def evaluate(args):
     device = pick_device(args.device)
     model, scheduler, config, state = load_model(args.ckpt, device)
+    settings = parse_sampler_settings(args.samplers or f"{default_sampler(config)}:{config.sample_steps}", config)
+    for sampler, steps in settings:  # fail on a bad setting before the slow work
+        check_sampler(sampler, steps, config)
     classifier = get_classifier(os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "mnist_classifier.pt"), args.data_dir, device)
     test_images, _ = load_mnist(args.data_dir, train=False, device=device)
     train_images, _ = load_mnist(args.data_dir, train=True, device=device)
@@ -746,18 +752,16 @@ def evaluate(args):
     floor = frechet_distance(classify(classifier, real)[1], test_features)
     print(f"checkpoint {args.ckpt}: step {state['step']}, objective {config.objective}; {n} samples per setting")
     print(f"Fréchet distance of {n} real training images to the test set (the floor): {floor:.2f}")
-    scales = [float(w) for w in args.guidance_scales.split(",")] if config.cond else [0.0]
-    settings = parse_sampler_settings(args.samplers or f"{default_sampler(config)}:{config.sample_steps}", config)
+    scales = args.guidance_scales if config.cond else [0.0]
+    labels = torch.arange(NUM_CLASSES, device=device).repeat_interleave(args.per_label)  # [n]: per_label of each digit
     header = f"{'sampler':>10} {'steps':>5} {'w':>5} {'accuracy':>9} {'worst digit':>12} {'distance':>9} {'s/image':>8}"
     print(header if config.cond else f"{'sampler':>10} {'steps':>5} {'distance':>9} {'s/image':>8}  share of each predicted digit 0-9")
     for sampler, steps in settings:
-        check_sampler(sampler, steps, config)
         for w in scales:
             generator = torch.Generator().manual_seed(args.seed)
-            labels = torch.arange(NUM_CLASSES, device=device).repeat_interleave(args.per_label)
             started = time.time()
             samples = torch.cat([generate(model, scheduler, config, labels[i:i + args.batch_size] if config.cond else None,
-                                          shape=(len(labels[i:i + args.batch_size]), 1, 28, 28), guidance_scale=w,
+                                          shape=(len(labels[i:i + args.batch_size]), 1, config.image_size, config.image_size), guidance_scale=w,
                                           sampler=sampler, steps=steps, generator=generator)
                                  for i in range(0, n, args.batch_size)])
             seconds = (time.time() - started) / n
@@ -927,7 +931,7 @@ def build_parser():
     eval_parser = commands.add_parser("evaluate", parents=[common], help="measure sample quality with a classifier",
                                       description="Label accuracy and Fréchet distance of samples, judged by a small CNN trained on MNIST.")
     eval_parser.add_argument("--ckpt", default="runs/ckpt.pt", help="checkpoint to evaluate (default: runs/ckpt.pt)")
-    eval_parser.add_argument("--guidance-scales", default="0,1,2,3,5", help="comma-separated w values (default: 0,1,2,3,5)")
+    eval_parser.add_argument("--guidance-scales", type=guidance_scales, default="0,1,2,3,5", help="comma-separated w values (default: 0,1,2,3,5)")
     eval_parser.add_argument("--samplers", default=None, help="comma-separated sampler:steps, e.g. ddim:20,ddpm (default: the checkpoint's)")
     eval_parser.add_argument("--per-label", type=positive_int, default=100, help="samples of each digit (default: 100)")
     eval_parser.add_argument("--batch-size", type=positive_int, default=500, help="images drawn at once (default: 500)")
