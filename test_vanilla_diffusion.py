@@ -589,3 +589,137 @@ def test_flow_checkpoint_samples_with_euler_does_img2img_and_refuses_ddpm(tiny_m
     with pytest.raises(SystemExit):
         vd.main(["sample", "--ckpt", ckpt, "--sampler", "ddpm"])
     assert "trained with --objective flow" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers against a known answer: the exact denoiser of a data set that holds one image x*
+# ---------------------------------------------------------------------------------------------
+
+class ExactDenoiser(torch.nn.Module):
+    """The exact network for a data set of one image x*.
+
+    ε*(x_t, t) = (x_t − √ᾱ_t·x*) / √(1 − ᾱ_t); as v: v* = √ᾱ_t·ε* − √(1−ᾱ_t)·x*.
+    Every correct sampler, started anywhere, must land on x*.
+    """
+
+    def __init__(self, target, scheduler, prediction):
+        super().__init__()
+        self.target, self.scheduler, self.prediction = target, scheduler, prediction
+        self.dummy = torch.nn.Parameter(torch.zeros(()))  # generate() asks the model for its device
+
+    def forward(self, x, t, labels=None):
+        index = t.round().long()
+        sqrt_alpha_bar = self.scheduler.sqrt_alpha_bar[index].reshape(-1, 1, 1, 1)
+        sqrt_one_minus = self.scheduler.sqrt_one_minus_alpha_bar[index].reshape(-1, 1, 1, 1)
+        noise = (x - sqrt_alpha_bar * self.target) / sqrt_one_minus
+        if self.prediction == "eps":
+            return noise
+        return sqrt_alpha_bar * noise - sqrt_one_minus * self.target
+
+
+X_STAR = torch.linspace(-0.95, 0.95, 16).reshape(1, 1, 4, 4)
+
+
+def sample_exact(scheduler, *, prediction, sampler, steps, clip, cond, strength=1.0, init=None,
+                 guidance_scale=2.0, batch=3, seed=0):
+    config = vd.Config(image_size=4, prediction=prediction, clip_x0=clip, cond=cond)
+    model = ExactDenoiser(X_STAR, scheduler, prediction)
+    labels = torch.arange(batch) % 10 if cond else None
+    return vd.generate(model, scheduler, config, labels, shape=(batch, 1, 4, 4),
+                       guidance_scale=guidance_scale, sampler=sampler, steps=steps,
+                       init_images=init, strength=strength,
+                       generator=torch.Generator().manual_seed(seed))
+
+
+@given(steps=st.integers(1, 60), prediction=st.sampled_from(["eps", "v"]), clip=st.booleans(),
+       cond=st.booleans(), seed=st.integers(0, 2**16))
+def test_ddim_with_the_exact_denoiser_lands_on_the_data_point(scheduler, steps, prediction, clip,
+                                                              cond, seed):
+    out = sample_exact(scheduler, prediction=prediction, sampler="ddim", steps=steps, clip=clip,
+                       cond=cond, seed=seed)
+    torch.testing.assert_close(out, X_STAR.expand_as(out), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddpm_over_all_t_with_the_exact_denoiser_lands_on_the_data_point(scheduler, prediction,
+                                                                        clip):
+    out = sample_exact(scheduler, prediction=prediction, sampler="ddpm", steps=T, clip=clip,
+                       cond=True, seed=3)
+    # the last step (t = 0) adds no noise and its mean is x* itself; a loop that stopped at t = 1
+    # would leave noise of std √β_1 ≈ 0.01
+    torch.testing.assert_close(out, X_STAR.expand_as(out), atol=1e-4, rtol=0)
+
+
+@given(strength=st.floats(0.001, 1.0), sampler=st.sampled_from(["ddim", "ddpm"]),
+       steps=st.integers(1, 30), prediction=st.sampled_from(["eps", "v"]), clip=st.booleans())
+def test_img2img_with_the_exact_denoiser_lands_on_the_data_point_at_any_strength(
+        scheduler, strength, sampler, steps, prediction, clip):
+    init = -X_STAR.flip(-1).expand(2, 1, 4, 4)  # any other picture: the data set holds only x*
+    out = sample_exact(scheduler, prediction=prediction, sampler=sampler,
+                       steps=T if sampler == "ddpm" else steps, clip=clip, cond=False,
+                       strength=strength, init=init, batch=2)
+    torch.testing.assert_close(out, X_STAR.expand_as(out), atol=1e-4, rtol=0)
+
+
+@given(strength=st.floats(0.001, 1.0), steps=st.integers(1, 30))
+def test_euler_img2img_with_the_exact_velocity_lands_on_the_data_point(strength, steps):
+    target = X_STAR
+    config = vd.Config(objective="flow", image_size=4)
+    init = torch.zeros(2, 1, 4, 4)
+    out = vd.generate(ExactVelocity(target), None, config, None, shape=(2, 1, 4, 4),
+                      guidance_scale=1.0, sampler="euler", steps=steps, init_images=init,
+                      strength=strength, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, target.expand_as(out), atol=1e-5, rtol=0)
+
+
+@given(t=timesteps, t_prev_fraction=st.floats(0, 1), seed=st.integers(0, 2**16))
+def test_ddim_clipped_branch_equals_unclipped_where_clipping_is_inactive(scheduler, t,
+                                                                         t_prev_fraction, seed):
+    x0, noise, x_t = noised_sample(scheduler, t, seed)  # x0 ∈ [−1, 1]: the clamp changes nothing
+    t_prev = math.floor(t_prev_fraction * t) - 1       # any earlier step, or −1 for "to x0"
+    clipped = scheduler.ddim_step(x_t, t, t_prev, noise, clip_x0=True)
+    unclipped = scheduler.ddim_step(x_t, t, t_prev, noise, clip_x0=False)
+    torch.testing.assert_close(clipped, unclipped, atol=1e-4, rtol=1e-4)
+
+
+@given(t=st.integers(1, T - 1), seed=st.integers(0, 2**16))
+def test_ddpm_clipped_mean_equals_unclipped_where_clipping_is_inactive(scheduler, t, seed):
+    x0, noise, x_t = noised_sample(scheduler, t, seed)
+    steps = [scheduler.sample_prev_image_distribution(x_t, t, noise, clip_x0=clip,
+                                                      generator=torch.Generator().manual_seed(1))
+             for clip in (True, False)]
+    torch.testing.assert_close(steps[0], steps[1], atol=1e-4, rtol=1e-4)
+
+
+class Recorder(torch.nn.Module):
+    """Returns zeros and remembers what it was given, so the loss is a known function of the input."""
+
+    def forward(self, x, t, labels):
+        self.inputs = (x, t)
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("gamma", [0.0, 5.0])
+def test_training_loss_weights_match_their_closed_forms(scheduler, prediction, gamma):
+    torch.manual_seed(0)
+    config = vd.Config(prediction=prediction, min_snr_gamma=gamma, cond=False)
+    x0 = torch.rand(256, 1, 4, 4) * 2 - 1
+    model = Recorder()
+    per_image, _ = vd.training_loss(model, scheduler, x0, None, config)
+    x_t, t = model.inputs
+    t = t.long()
+    sqrt_alpha_bar = scheduler.sqrt_alpha_bar[t].reshape(-1, 1, 1, 1)
+    sqrt_one_minus = scheduler.sqrt_one_minus_alpha_bar[t].reshape(-1, 1, 1, 1)
+    noise = (x_t - sqrt_alpha_bar * x0) / sqrt_one_minus
+    target = noise if prediction == "eps" else sqrt_alpha_bar * noise - sqrt_one_minus * x0
+    snr = scheduler.alpha_bar[t] / (1 - scheduler.alpha_bar[t])
+    if gamma == 0:
+        weight = torch.ones_like(snr)
+    elif prediction == "eps":
+        weight = torch.minimum(snr, torch.tensor(gamma)) / snr        # min(SNR, γ) / SNR
+    else:
+        weight = torch.minimum(snr, torch.tensor(gamma)) / (snr + 1)  # min(SNR, γ) / (SNR + 1)
+    expected = weight * target.pow(2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(per_image, expected, rtol=1e-3, atol=1e-6)

@@ -111,6 +111,8 @@ class NoiseScheduler(nn.Module):
             "sqrt_one_minus_alpha_bar": (1 - alpha_bar).sqrt(),                     # √(1−ᾱ_t)
             "posterior_variance": betas * (1 - alpha_bar_prev) / (1 - alpha_bar),   # β̃_t = (1−ᾱ_{t−1})/(1−ᾱ_t)·β_t
             "snr": alpha_bar / (1 - alpha_bar),                                     # SNR(t) = ᾱ_t / (1−ᾱ_t)
+            "posterior_mean_coef_x0": alpha_bar_prev.sqrt() * betas / (1 - alpha_bar),
+            "posterior_mean_coef_xt": alphas.sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar),
         }
         for name, table in tables.items():  # computed in float64, stored in float32
             self.register_buffer(name, table.float(), persistent=False)
@@ -143,8 +145,7 @@ class NoiseScheduler(nn.Module):
             # 1a. through the predicted x0, clamped to the data range (seed 001):
             #     μ = √ᾱ_{t−1}·β_t/(1−ᾱ_t)·x0 + √α_t·(1−ᾱ_{t−1})/(1−ᾱ_t)·x_t   (eq. 7 of Ho et al.)
             x0 = self.predict_x0(x_t, t, pred_noise).clamp(-1, 1)
-            alpha_bar, alpha_bar_prev = per_sample(self.alpha_bar, t, x_t), per_sample(self.alpha_bar_prev, t, x_t)
-            mean = (alpha_bar_prev.sqrt() * beta * x0 + per_sample(self.alphas, t, x_t).sqrt() * (1 - alpha_bar_prev) * x_t) / (1 - alpha_bar)
+            mean = per_sample(self.posterior_mean_coef_x0, t, x_t) * x0 + per_sample(self.posterior_mean_coef_xt, t, x_t) * x_t
         else:
             # 1b. directly: μ = 1/√α_t · (x_t − (1−α_t)/√(1−ᾱ_t) · ε_θ)   (eq. 11 of Ho et al.)
             mean = (x_t - beta / per_sample(self.sqrt_one_minus_alpha_bar, t, x_t) * pred_noise) / per_sample(self.alphas, t, x_t).sqrt()
@@ -166,7 +167,7 @@ class NoiseScheduler(nn.Module):
         x0 = self.predict_x0(x_t, t, pred_noise)
         if clip_x0:
             x0 = x0.clamp(-1, 1)
-            pred_noise = (x_t - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+            pred_noise = (x_t - alpha_bar.sqrt() * x0) / per_sample(self.sqrt_one_minus_alpha_bar, t, x_t)
         # 2. σ = η·√((1−ᾱ_prev)/(1−ᾱ_t))·√(1 − ᾱ_t/ᾱ_prev)
         sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar)).sqrt() * (1 - alpha_bar / alpha_bar_prev).sqrt()
         # 3. x_prev = √ᾱ_prev·x0 + √(1−ᾱ_prev−σ²)·ε_θ + σ·z
