@@ -1,17 +1,27 @@
 """VanillaDiffusion: diffusion on MNIST in one file, read top to bottom.
 
+Start here (the first command takes about 10 minutes on a laptop CPU):
+    python vanilla_diffusion.py train --cond          # learn to draw digits; writes runs/ckpt.pt
+    python vanilla_diffusion.py sample --label 4      # draw sixteen 4s into samples.png
+    python vanilla_diffusion.py evaluate              # judge them: label accuracy, Fréchet distance
+
 Contents, in the order the idea unfolds:
-    1. Config             every default in one place
-    2. Noise scheduler    DDPM forward (noise_image) and reverse (sample_prev_image_distribution), DDIM, rectified flow
-    3. Model              a patchify DiT: self-attention over image tokens, cross-attention to condition tokens
-    4. Data               MNIST as one tensor in [-1, 1]
-    5. Training           Algorithm 1 of Ho et al. 2020, with label dropout for classifier-free guidance
-    6. Sampling           classifier-free guidance, negative labels, image-to-image
-    7. Evaluation         a small classifier judges the samples: label accuracy and a Fréchet distance
-    8. Command line       train / sample / evaluate
+     1. Config             every default in one place
+     2. Utilities          table lookups, seeded noise, pictures in and out, the user's mistakes
+     3. Noise scheduler    forward (noise_image); reverse (sample_prev_image_distribution) and
+                           its fast sibling (ddim_step); rectified flow
+     4. Model              a patchify DiT: self-attention over image patches,
+                           cross-attention to the label, the timestep through adaLN-Zero
+     5. Data               MNIST as one tensor in [−1, 1]
+     6. Training objective Algorithm 1 of Ho et al. 2020, label dropout, min-SNR weights, EMA
+     7. Sampling           classifier-free guidance, one loop per sampler, image-to-image
+     8. Checkpoints        durable saves; everything a run needs to continue exactly
+     9. Training loop      the loop as stanzas, progress, Ctrl-C, a stop on divergence
+    10. Evaluation         a small classifier judges the samples
+    11. Command line       train / sample / evaluate; every input checked before work starts
 
 Symbols used in the comments (paper → code):
-    T                  → config.num_timesteps        t ∈ {0, …, T−1}, 0-based, indexes the tables below
+    T                  → config.num_timesteps        t ∈ {0, …, T−1}, 0-based, indexes the tables
     β_t                → scheduler.betas
     α_t = 1 − β_t      → scheduler.alphas
     ᾱ_t = ∏_{s≤t} α_s  → scheduler.alpha_bar
@@ -23,11 +33,14 @@ Symbols used in the comments (paper → code):
 
 import argparse
 import copy
+import functools
 import math
 import os
+import signal
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -45,76 +58,141 @@ NULL_LABEL = NUM_CLASSES  # index 10 of the label embedding means "no label" (�
 @dataclass
 class Config:
     # data
-    image_size: int = 28                # MNIST is 28×28, one grey channel
+    image_size: int = 28            # MNIST is 28×28, one grey channel
     # noise schedule (DDPM, Ho et al. 2020)
-    num_timesteps: int = 1000           # T
-    beta_start: float = 1e-4            # β_0, linear schedule as in the DDPM paper
-    beta_end: float = 0.02              # β_{T−1}
-    objective: str = "eps"              # "eps": DDPM noise schedule (seed 000); "flow": rectified flow (seed 003)
-    prediction: str = "v"               # DDPM only. "eps": the network outputs ε_θ; "v": it outputs v, converted to ε_θ
+    num_timesteps: int = 1000       # T
+    beta_start: float = 1e-4        # β_0, the linear schedule of the DDPM paper
+    beta_end: float = 0.02          # β_{T−1}
+    objective: str = "eps"          # "eps": the DDPM noise schedule; "flow": rectified flow
+    prediction: str = "v"           # DDPM only: the network outputs ε, or v (converted to ε)
     # model (DiT, Peebles & Xie 2023)
-    cond: bool = False                  # `train --cond`: cross-attention to a label; otherwise unconditional (seed part A)
-    patch_size: int = 4                 # 4 → 7×7 = 49 tokens; 2 → 196 tokens, 3–5× slower on a CPU
-    width: int = 128                    # D, token width
-    depth: int = 6                      # number of transformer blocks
-    heads: int = 4                      # attention heads, D / heads = 32 channels each
-    mlp_ratio: int = 4                  # MLP hidden width = mlp_ratio · D
-    conv_channels: int = 16             # 3×3 conv stem before patchify and conv head after it (0: plain linear patches)
-    label_tokens: int = 4               # condition tokens per label; with the timestep token, 5 keys for cross-attention
+    cond: bool = False              # `train --cond`: cross-attention to a label
+    patch_size: int = 4             # 4 → 7×7 = 49 tokens; 2 → 196 tokens, 3–5× slower on a CPU
+    width: int = 128                # D, the token width
+    depth: int = 6                  # transformer blocks
+    heads: int = 4                  # attention heads, D / heads = 32 channels each
+    mlp_ratio: int = 4              # MLP hidden width = mlp_ratio · D
+    conv_channels: int = 16         # 3×3 conv stem and conv head around the DiT (0: none)
+    label_tokens: int = 4           # tokens per label; with the timestep token, 5 keys
     # training
-    batch_size: int = 32                # images per step: small batches, many steps (4× the steps of 128 at ~95% of the speed)
-    lr: float = 1e-3                    # peak learning rate of AdamW
-    warmup_steps: int = 200             # linear warm-up, then cosine decay to 0
-    epochs: int = 2                     # passes over the 60,000 training images (about 11 minutes on 2 CPU cores)
-    label_drop: float = 0.1             # CFG needs the unconditional task too: p(label → ∅)
-    ema_decay: float = 0.999            # weights used for sampling: θ_ema ← d·θ_ema + (1 − d)·θ
-    min_snr_gamma: float = 5.0          # loss weight min(SNR, γ)/SNR for ε, /(SNR + 1) for v (Hang et al. 2023); 0: off
+    batch_size: int = 32            # small batches, many steps: 4× the steps of 128, ~95% speed
+    lr: float = 1e-3                # peak learning rate of AdamW
+    warmup_steps: int = 200         # linear warm-up, then cosine decay to 0
+    epochs: int = 2                 # passes over the 60,000 images (~10 min on 2 CPU cores)
+    label_drop: float = 0.1         # CFG needs the unconditional task too: p(label → ∅)
+    ema_decay: float = 0.999        # sampling weights: θ_ema ← d·θ_ema + (1 − d)·θ
+    min_snr_gamma: float = 5.0      # min-SNR-γ loss weight (Hang et al. 2023); 0: off
     # sampling
-    guidance_scale: float = 2.0         # w in ε = ε_∅ + w·(ε_c − ε_∅); 2 measured best (README: results)
-    sampler: str = "ddim"               # "ddim" (few steps) or "ddpm" (all T steps); flow models use "euler"
-    sample_steps: int = 20              # DDIM / Euler steps
-    clip_x0: bool = True                # clamp the predicted x0 to [−1, 1] at each step (seed 001)
+    guidance_scale: float = 2.0     # w in ε = ε_∅ + w·(ε_c − ε_∅); 2 measured best (README)
+    sampler: str = "ddim"           # "ddim" (few steps) or "ddpm" (all T); flow uses "euler"
+    sample_steps: int = 20          # DDIM / Euler steps
+    clip_x0: bool = True            # clamp the predicted x0 to [−1, 1] at each step
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Noise scheduler
-#    Forward: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε.  Reverse: one DDPM step, one DDIM step (seed 000, 001, 003).
+# 2. Utilities
+#    Small helpers the later sections lean on: table lookups, seeded noise, pictures.
 # ---------------------------------------------------------------------------------------------
+
+class UserError(Exception):
+    """A mistake the user can fix; the command line prints it as one line and exits with 1."""
+
+
+def first_line(error):
+    """An exception as one line: its type and the first line of its message."""
+    lines = str(error).strip().splitlines() or [""]
+    return f"{type(error).__name__}: {lines[0]}"
+
 
 def per_sample(table, t, x):
-    """Look up table[t] for an int or a [B] tensor t, shaped to broadcast against x [B, C, H, W]."""
+    """table[t] for an int or a [B] tensor t, shaped to broadcast against x [B, C, H, W]."""
     t = torch.as_tensor(t, device=table.device)
-    return table[t].reshape(-1, *([1] * (x.dim() - 1)))  # [B, 1, 1, 1] (or [1, 1, 1, 1] for an int)
+    return table[t].reshape(-1, *([1] * (x.dim() - 1)))  # [B, 1, 1, 1] (or [1, 1, 1, 1])
 
 
 def gaussian_like(x, generator=None):
-    """z ~ N(0, I) shaped like x, drawn on the generator's device so a seed gives the same images on any device."""
+    """z ~ N(0, I) shaped like x, drawn on the generator's device: a seed gives the same
+    images on any device."""
     device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+    z = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+    return z.to(x.device)
 
+
+def to_pixels(x):
+    """[−1, 1] → [0, 1] for saving: (x + 1) / 2, clamped; never min-max normalised (that
+    hides range bugs)."""
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+def save_grid(images, path, nrow):
+    from torchvision.utils import save_image
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_image(to_pixels(images.float().cpu()), path, nrow=nrow)
+
+
+def save_animation(frames, path, nrow, max_frames=60):
+    """The denoising as a GIF: one grid per step (at most max_frames), the last held a second."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+    count = min(max_frames, len(frames))
+    keep = torch.linspace(0, len(frames) - 1, count).round().long().unique().tolist()
+    pictures = []
+    for i in keep:
+        grid = make_grid(to_pixels(frames[i].float().cpu()), nrow=nrow)  # [3, H, W] in [0, 1]
+        grey = (grid[0] * 255).round().byte().numpy()
+        pictures.append(Image.fromarray(grey, mode="L"))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    held = pictures[1:] + [pictures[-1]] * 10
+    pictures[0].save(path, save_all=True, append_images=held, duration=80, loop=0)
+
+
+def load_init_image(path, size):
+    """A grey picture for image-to-image, resized to size×size, as [1, 1, size, size] in [−1, 1]."""
+    if not os.path.isfile(path):
+        raise UserError(f"no init image at {path}")
+    try:
+        from PIL import Image
+        from torchvision.transforms.functional import pil_to_tensor
+        picture = Image.open(path).convert("L").resize((size, size), Image.BILINEAR)
+    except Exception as error:
+        raise UserError(f"could not read {path} as an image ({first_line(error)})") from None
+    return pil_to_tensor(picture).float()[None] / 127.5 - 1
+
+
+def format_seconds(seconds):
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Noise scheduler: DDPM (Ho et al. 2020), DDIM (Song et al. 2021), rectified flow
+#    Forward: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε.  Reverse: one DDPM step, or one DDIM step.
+# ---------------------------------------------------------------------------------------------
 
 class NoiseScheduler(nn.Module):
-    """The DDPM noise schedule and the steps that use it. A module only so that .to(device) moves the tables."""
+    """The DDPM noise schedule and the steps that use it. A module only so that .to(device)
+    moves its tables."""
 
     def __init__(self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02):
         super().__init__()
-        betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)  # β_t, linear
-        alphas = 1.0 - betas                                                                # α_t = 1 − β_t
-        alpha_bar = torch.cumprod(alphas, dim=0)                                            # ᾱ_t = ∏_{s≤t} α_s
-        alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])    # ᾱ_{t−1}, ᾱ_{−1} = 1
-        tables = {
-            "betas": betas,
+        betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+        alphas = 1.0 - betas                                        # α_t = 1 − β_t
+        alpha_bar = torch.cumprod(alphas, dim=0)                    # ᾱ_t = ∏_{s≤t} α_s
+        alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+        tables = {                                                  # ᾱ_{t−1}, with ᾱ_{−1} = 1
+            "betas": betas,                                         # β_t, linear in t
             "alphas": alphas,
+            "sqrt_alphas": alphas.sqrt(),                           # √α_t
             "alpha_bar": alpha_bar,
             "alpha_bar_prev": alpha_bar_prev,
-            "sqrt_alpha_bar": alpha_bar.sqrt(),                                     # √ᾱ_t
-            "sqrt_one_minus_alpha_bar": (1 - alpha_bar).sqrt(),                     # √(1−ᾱ_t)
-            "posterior_variance": betas * (1 - alpha_bar_prev) / (1 - alpha_bar),   # β̃_t = (1−ᾱ_{t−1})/(1−ᾱ_t)·β_t
-            "snr": alpha_bar / (1 - alpha_bar),                                     # SNR(t) = ᾱ_t / (1−ᾱ_t)
+            "sqrt_alpha_bar": alpha_bar.sqrt(),                     # √ᾱ_t
+            "sqrt_one_minus_alpha_bar": (1 - alpha_bar).sqrt(),     # √(1−ᾱ_t)
+            "snr": alpha_bar / (1 - alpha_bar),                     # SNR(t) = ᾱ_t / (1−ᾱ_t)
+            # the posterior q(x_{t−1} | x_t, x0) = N(μ̃_t, β̃_t), eqs. 6–7 of Ho et al.:
             "posterior_mean_coef_x0": alpha_bar_prev.sqrt() * betas / (1 - alpha_bar),
             "posterior_mean_coef_xt": alphas.sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar),
+            "posterior_variance": betas * (1 - alpha_bar_prev) / (1 - alpha_bar),   # β̃_t
         }
-        for name, table in tables.items():  # computed in float64, stored in float32
+        for name, table in tables.items():  # computed in float64, kept in float32
             self.register_buffer(name, table.float(), persistent=False)
         self.num_timesteps = num_timesteps
 
@@ -122,60 +200,80 @@ class NoiseScheduler(nn.Module):
         """Forward process q(x_t | x0) in one jump: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε, ε ~ N(0, I)."""
         if noise is None:
             noise = torch.randn_like(x0)
-        x_t = per_sample(self.sqrt_alpha_bar, t, x0) * x0 + per_sample(self.sqrt_one_minus_alpha_bar, t, x0) * noise
-        return x_t, noise
+        signal_part = per_sample(self.sqrt_alpha_bar, t, x0) * x0
+        noise_part = per_sample(self.sqrt_one_minus_alpha_bar, t, x0) * noise
+        return signal_part + noise_part, noise
 
     def velocity(self, x0, t, noise):
-        """The v-prediction target (Salimans & Ho 2022): v = √ᾱ_t·ε − √(1−ᾱ_t)·x0; at high noise v ≈ −x0."""
-        return per_sample(self.sqrt_alpha_bar, t, x0) * noise - per_sample(self.sqrt_one_minus_alpha_bar, t, x0) * x0
+        """The v-prediction target (Salimans & Ho 2022): v = √ᾱ_t·ε − √(1−ᾱ_t)·x0.
+        At high noise v ≈ −x0: the network draws the image rather than guessing the noise."""
+        sqrt_alpha_bar = per_sample(self.sqrt_alpha_bar, t, x0)
+        sqrt_one_minus_alpha_bar = per_sample(self.sqrt_one_minus_alpha_bar, t, x0)
+        return sqrt_alpha_bar * noise - sqrt_one_minus_alpha_bar * x0
 
     def noise_from_velocity(self, x_t, t, pred_velocity):
-        """ε_θ = √ᾱ_t·v_θ + √(1−ᾱ_t)·x_t: a v-predicting network feeds the same ε formulas as an ε-predicting one."""
-        return per_sample(self.sqrt_alpha_bar, t, x_t) * pred_velocity + per_sample(self.sqrt_one_minus_alpha_bar, t, x_t) * x_t
+        """ε_θ = √ᾱ_t·v_θ + √(1−ᾱ_t)·x_t: a v-network feeds the same ε formulas as an ε-network."""
+        sqrt_alpha_bar = per_sample(self.sqrt_alpha_bar, t, x_t)
+        sqrt_one_minus_alpha_bar = per_sample(self.sqrt_one_minus_alpha_bar, t, x_t)
+        return sqrt_alpha_bar * pred_velocity + sqrt_one_minus_alpha_bar * x_t
 
     def predict_x0(self, x_t, t, pred_noise):
         """Invert the forward process: x0 = (x_t − √(1−ᾱ_t)·ε_θ) / √ᾱ_t."""
-        return (x_t - per_sample(self.sqrt_one_minus_alpha_bar, t, x_t) * pred_noise) / per_sample(self.sqrt_alpha_bar, t, x_t)
+        sqrt_one_minus_alpha_bar = per_sample(self.sqrt_one_minus_alpha_bar, t, x_t)
+        sqrt_alpha_bar = per_sample(self.sqrt_alpha_bar, t, x_t)
+        return (x_t - sqrt_one_minus_alpha_bar * pred_noise) / sqrt_alpha_bar
 
-    def sample_prev_image_distribution(self, x_t, t, pred_noise, generator=None, posterior_variance=False, clip_x0=False):
-        """One reverse step x_t → x_{t−1} ~ p_θ(x_{t−1} | x_t): Algorithm 2 (sampling) of Ho et al. 2020."""
-        beta = per_sample(self.betas, t, x_t)
+    def sample_prev_image_distribution(self, x_t, t, pred_noise, generator=None,
+                                       posterior_variance=False, clip_x0=False):
+        """One reverse step x_t → x_{t−1} ~ p_θ(x_{t−1} | x_t): Algorithm 2 of Ho et al. 2020.
+        Its fast sibling, ddim_step below, takes the same x_t, t, ε_θ and jumps further."""
         # 1. the mean μ_θ(x_t, t)
         if clip_x0:
-            # 1a. through the predicted x0, clamped to the data range (seed 001):
-            #     μ = √ᾱ_{t−1}·β_t/(1−ᾱ_t)·x0 + √α_t·(1−ᾱ_{t−1})/(1−ᾱ_t)·x_t   (eq. 7 of Ho et al.)
+            # through the predicted x0, clamped to the data range (as the DDPM reference code
+            # does): μ = coef_x0·x0 + coef_xt·x_t, the posterior mean μ̃_t of eq. 7
             x0 = self.predict_x0(x_t, t, pred_noise).clamp(-1, 1)
-            mean = per_sample(self.posterior_mean_coef_x0, t, x_t) * x0 + per_sample(self.posterior_mean_coef_xt, t, x_t) * x_t
+            coef_x0 = per_sample(self.posterior_mean_coef_x0, t, x_t)  # √ᾱ_{t−1}·β_t/(1−ᾱ_t)
+            coef_xt = per_sample(self.posterior_mean_coef_xt, t, x_t)  # √α_t·(1−ᾱ_{t−1})/(1−ᾱ_t)
+            mean = coef_x0 * x0 + coef_xt * x_t
         else:
-            # 1b. directly: μ = 1/√α_t · (x_t − (1−α_t)/√(1−ᾱ_t) · ε_θ)   (eq. 11 of Ho et al.)
-            mean = (x_t - beta / per_sample(self.sqrt_one_minus_alpha_bar, t, x_t) * pred_noise) / per_sample(self.alphas, t, x_t).sqrt()
-        # 2. the standard deviation: σ_t² = β_t (default) or the posterior variance β̃_t
+            # directly: μ = 1/√α_t · (x_t − β_t/√(1−ᾱ_t) · ε_θ), eq. 11
+            beta = per_sample(self.betas, t, x_t)
+            noise_coef = beta / per_sample(self.sqrt_one_minus_alpha_bar, t, x_t)
+            mean = (x_t - noise_coef * pred_noise) / per_sample(self.sqrt_alphas, t, x_t)
+        # 2. the variance: σ_t² = β_t (the default), or the posterior variance β̃_t
         variance = per_sample(self.posterior_variance if posterior_variance else self.betas, t, x_t)
         # 3. x_{t−1} = μ + σ_t·z, with z = 0 at t = 0 (the last step adds no noise)
         z = gaussian_like(x_t, generator)
-        not_last = (torch.as_tensor(t, device=x_t.device) > 0).float().reshape(-1, *([1] * (x_t.dim() - 1)))
+        not_last = (torch.as_tensor(t, device=x_t.device) > 0).float()
+        not_last = not_last.reshape(-1, *([1] * (x_t.dim() - 1)))             # [B, 1, 1, 1]
         return mean + not_last * variance.sqrt() * z
 
     def ddim_step(self, x_t, t, t_prev, pred_noise, eta=0.0, generator=None, clip_x0=False):
         """One DDIM step x_t → x_{t_prev} (Song et al. 2021, eq. 12); t_prev = −1 means "to x0".
-
-        η = 0 is deterministic; η = 1 matches DDPM's σ_t² = β̃_t when t_prev = t − 1.
-        """
+        η = 0 is deterministic; η = 1 is DDPM with σ_t² = β̃_t when t_prev = t − 1."""
         alpha_bar = per_sample(self.alpha_bar, t, x_t)
-        alpha_bar_prev = per_sample(self.alpha_bar, t_prev, x_t) if t_prev >= 0 else torch.ones_like(alpha_bar)
-        # 1. predicted x0 = (x_t − √(1−ᾱ_t)·ε_θ) / √ᾱ_t, optionally clamped; then the ε that matches it
+        if t_prev >= 0:
+            alpha_bar_prev = per_sample(self.alpha_bar, t_prev, x_t)
+        else:
+            alpha_bar_prev = torch.ones_like(alpha_bar)
+        # 1. the predicted x0, optionally clamped; then the ε that matches the clamped x0
         x0 = self.predict_x0(x_t, t, pred_noise)
         if clip_x0:
             x0 = x0.clamp(-1, 1)
-            pred_noise = (x_t - alpha_bar.sqrt() * x0) / per_sample(self.sqrt_one_minus_alpha_bar, t, x_t)
-        # 2. σ = η·√((1−ᾱ_prev)/(1−ᾱ_t))·√(1 − ᾱ_t/ᾱ_prev)
-        sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar)).sqrt() * (1 - alpha_bar / alpha_bar_prev).sqrt()
-        # 3. x_prev = √ᾱ_prev·x0 + √(1−ᾱ_prev−σ²)·ε_θ + σ·z
+            sqrt_one_minus_alpha_bar = per_sample(self.sqrt_one_minus_alpha_bar, t, x_t)
+            pred_noise = (x_t - alpha_bar.sqrt() * x0) / sqrt_one_minus_alpha_bar
+        # 2. σ = η·√((1−ᾱ_prev)/(1−ᾱ_t))·√(1 − ᾱ_t/ᾱ_prev), eq. 16
+        sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar)).sqrt()
+        sigma = sigma * (1 - alpha_bar / alpha_bar_prev).sqrt()
+        # 3. x_prev = √ᾱ_prev·x0 + √(1−ᾱ_prev−σ²)·ε_θ + σ·z: the predicted x0, the direction
+        #    pointing to x_t, and fresh noise
+        direction = (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt() * pred_noise
         z = gaussian_like(x_t, generator) if eta > 0 else 0.0
-        return alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt() * pred_noise + sigma * z
+        return alpha_bar_prev.sqrt() * x0 + direction + sigma * z
 
 
-# Rectified flow (seed 003): a straight line from data (s = 0) to noise (s = 1), s ∈ [0, 1].
+# Rectified flow (Liu et al. 2022; the logit-normal s of Esser et al. 2024): a straight line
+# from data (s = 0) to noise (s = 1), s ∈ [0, 1].
 
 def flow_interpolate(x0, s, noise):
     """x_s = (1 − s)·x0 + s·ε; the velocity along the line is v = dx_s/ds = ε − x0."""
@@ -189,39 +287,45 @@ def euler_step(x_s, s, s_next, velocity):
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Model: a DiT noise predictor (Peebles & Xie 2023) with cross-attention to the label (seed 000)
-#    Image patches become tokens; the timestep enters every block through adaLN-Zero.
+# 4. Model: a DiT noise predictor (Peebles & Xie 2023) with cross-attention to the label
+#    Image patches become tokens; the timestep enters every block through adaLN-Zero; the
+#    label's tokens are the keys and values of a cross-attention, as text is in Stable Diffusion.
 # ---------------------------------------------------------------------------------------------
 
 def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding of (possibly fractional) timesteps t [B] → [B, dim] (Vaswani et al. 2017)."""
+    """Sinusoidal embedding of (possibly fractional) timesteps t [B] → [B, dim] (Vaswani 2017)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)  # [dim/2]
-    angles = t.float()[:, None] * freqs[None]                                                                # [B, dim/2]
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)                                         # [B, dim]
+    steps = torch.arange(half, device=t.device, dtype=torch.float32) / half
+    freqs = torch.exp(-math.log(max_period) * steps)                        # [dim/2]
+    angles = t.float()[:, None] * freqs[None]                               # [B, dim/2]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)        # [B, dim]
 
 
 def position_embedding_2d(grid, dim):
-    """Fixed 2-D sine-cosine position embedding (as in DiT/MAE): half the channels for rows, half for columns."""
-    axis = timestep_embedding(torch.arange(grid, dtype=torch.float32), dim // 2)                         # [grid, D/2]
-    rows, cols = axis[:, None].expand(grid, grid, -1), axis[None].expand(grid, grid, -1)                  # [grid, grid, D/2]
-    return torch.cat([rows, cols], dim=-1).reshape(grid * grid, dim)                                       # [N, D]
+    """Fixed 2-D sine-cosine positions (as in DiT and MAE): half the channels for the row,
+    half for the column; so dim must be divisible by 4."""
+    axis = timestep_embedding(torch.arange(grid, dtype=torch.float32), dim // 2)  # [grid, D/2]
+    rows = axis[:, None].expand(grid, grid, -1)                                  # [grid, grid, D/2]
+    cols = axis[None].expand(grid, grid, -1)                                     # [grid, grid, D/2]
+    return torch.cat([rows, cols], dim=-1).reshape(grid * grid, dim)             # [N, D]
 
 
 def patchify(images, patch_size):
     """[B, C, H, W] → [B, N, C·p·p], N = (H/p)·(W/p), patches in row-major order."""
     B, C, H, W = images.shape
     p = patch_size
-    x = images.reshape(B, C, H // p, p, W // p, p)          # [B, C, h, p, w, p]
-    return x.permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)
+    x = images.reshape(B, C, H // p, p, W // p, p)                  # [B, C, h, p, w, p]
+    x = x.permute(0, 2, 4, 1, 3, 5)                                 # [B, h, w, C, p, p]
+    return x.reshape(B, (H // p) * (W // p), C * p * p)             # [B, N, C·p·p]
 
 
 def unpatchify(tokens, patch_size, channels=1):
     """[B, N, C·p·p] → [B, C, H, W], the inverse of patchify for a square image."""
     B, N, _ = tokens.shape
     p, grid = patch_size, math.isqrt(N)
-    x = tokens.reshape(B, grid, grid, channels, p, p)       # [B, h, w, C, p, p]
-    return x.permute(0, 3, 1, 4, 2, 5).reshape(B, channels, grid * p, grid * p)
+    x = tokens.reshape(B, grid, grid, channels, p, p)               # [B, h, w, C, p, p]
+    x = x.permute(0, 3, 1, 4, 2, 5)                                 # [B, C, h, p, w, p]
+    return x.reshape(B, channels, grid * p, grid * p)               # [B, C, H, W]
 
 
 def modulate(x, shift, scale):
@@ -230,7 +334,8 @@ def modulate(x, shift, scale):
 
 
 class Attention(nn.Module):
-    """Multi-head attention softmax(QKᵀ/√d)·V. Self-attention when context is x; cross-attention otherwise."""
+    """Multi-head attention softmax(QKᵀ/√d)·V. Self-attention when context is x,
+    cross-attention otherwise."""
 
     def __init__(self, dim, heads):
         super().__init__()
@@ -241,105 +346,116 @@ class Attention(nn.Module):
 
     def split_heads(self, x):
         B, L, D = x.shape
-        return x.reshape(B, L, self.heads, D // self.heads).transpose(1, 2)      # [B, heads, L, D/heads]
+        return x.reshape(B, L, self.heads, D // self.heads).transpose(1, 2)  # [B, h, L, D/h]
 
     def project(self, x, context):
-        q = self.split_heads(self.to_q(x))                                       # [B, h, N, d]  queries: image tokens
-        k, v = map(self.split_heads, self.to_kv(context).chunk(2, dim=-1))       # [B, h, M, d]  keys, values: context
-        return q, k, v
+        q = self.split_heads(self.to_q(x))                  # [B, h, N, d]  queries: image tokens
+        k, v = self.to_kv(context).chunk(2, dim=-1)         # [B, M, D] each: from the context
+        return q, self.split_heads(k), self.split_heads(v)  # keys and values [B, h, M, d]
 
     def forward(self, x, context):
-        y = F.scaled_dot_product_attention(*self.project(x, context))            # [B, h, N, d]
-        return self.out(y.transpose(1, 2).flatten(2))                            # [B, N, D]
+        y = F.scaled_dot_product_attention(*self.project(x, context))   # [B, h, N, d]
+        return self.out(y.transpose(1, 2).flatten(2))                   # [B, N, D]
 
     def attention_weights(self, x, context):
-        """softmax(QKᵀ/√d), [B, heads, N, M]: what forward() computes inside SDPA, written out (for tests)."""
+        """softmax(QKᵀ/√d) [B, h, N, M], what forward() computes inside SDPA, written out."""
         q, k, _ = self.project(x, context)
         return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
 
 
-class DiTBlock(nn.Module):
-    """LayerNorm → self-attention → residual; LayerNorm → cross-attention → residual; LayerNorm → MLP → residual.
+def layer_norm(dim):
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)  # adaLN supplies scale, shift
 
-    adaLN-Zero: the timestep sets a shift, scale and gate for each of the sub-layers; the gates start at 0,
-    so every block starts as the identity. The unconditional model has no cross-attention.
+
+class DiTBlock(nn.Module):
+    """Three residual sub-layers: self-attention, cross-attention to the condition, MLP.
+
+    adaLN-Zero: the timestep sets a shift, scale and gate for each sub-layer; the gates start
+    at 0, so every block starts as the identity. The unconditional model has no cross-attention.
     """
 
     def __init__(self, dim, heads, mlp_ratio, cross_attention):
         super().__init__()
-        self.norm_self = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.self_attn = Attention(dim, heads)
-        self.norm_cross = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6) if cross_attention else None
+        self.norm_self, self.self_attn = layer_norm(dim), Attention(dim, heads)
+        self.norm_cross = layer_norm(dim) if cross_attention else None
         self.cross_attn = Attention(dim, heads) if cross_attention else None
-        self.norm_mlp = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(approximate="tanh"), nn.Linear(mlp_ratio * dim, dim))
+        self.norm_mlp = layer_norm(dim)
+        hidden = mlp_ratio * dim
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"),
+                                 nn.Linear(hidden, dim))
         self.num_sublayers = 3 if cross_attention else 2
         self.ada_ln = nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * self.num_sublayers * dim))
-        nn.init.zeros_(self.ada_ln[1].weight)  # adaLN-Zero: gates (and shifts, scales) start at 0
+        nn.init.zeros_(self.ada_ln[1].weight)  # adaLN-Zero: gates, shifts, scales start at 0
         nn.init.zeros_(self.ada_ln[1].bias)
 
     def forward(self, x, time_emb, cond_tokens=None):
         # x: [B, N, D] image tokens; time_emb: [B, D]; cond_tokens: [B, M, D]
-        # (shift, scale, gate) per sub-layer, each [B, 1, D]; the cross-attention's three come last (absent if unconditional)
-        shift_sa, scale_sa, gate_sa, shift_mlp, scale_mlp, gate_mlp, *cross = self.ada_ln(time_emb)[:, None].chunk(3 * self.num_sublayers, dim=-1)
+        modulation = self.ada_ln(time_emb)[:, None].chunk(3 * self.num_sublayers, dim=-1)
+        shift_sa, scale_sa, gate_sa = modulation[0:3]       # [B, 1, D] each: self-attention
+        shift_mlp, scale_mlp, gate_mlp = modulation[3:6]    # MLP
         h = modulate(self.norm_self(x), shift_sa, scale_sa)
-        x = x + gate_sa * self.self_attn(h, h)                                     # [B, N, D]  image ↔ image
+        x = x + gate_sa * self.self_attn(h, h)                          # [B, N, D] image ↔ image
         if self.cross_attn is not None:
-            shift_ca, scale_ca, gate_ca = cross
+            shift_ca, scale_ca, gate_ca = modulation[6:9]   # cross-attention
             h = modulate(self.norm_cross(x), shift_ca, scale_ca)
-            x = x + gate_ca * self.cross_attn(h, cond_tokens)                      # [B, N, D]  Q: image, K/V: condition
+            x = x + gate_ca * self.cross_attn(h, cond_tokens)           # [B, N, D] Q image, KV cond
         h = modulate(self.norm_mlp(x), shift_mlp, scale_mlp)
-        return x + gate_mlp * self.mlp(h)                                          # [B, N, D]
+        return x + gate_mlp * self.mlp(h)                               # [B, N, D]
 
 
 class DiT(nn.Module):
-    """ε_θ(x_t, t, c): noisy image, timestep and label in, predicted noise (or velocity) out, same shape."""
+    """ε_θ(x_t, t, c): noisy image, timestep and label in; predicted noise (or v) out."""
 
     def __init__(self, config):
         super().__init__()
         D, p, C = config.width, config.patch_size, config.conv_channels
         self.config = config
-        if C:  # local pixel features at full resolution, before and after the transformer (a U-Net-style skip)
-            self.stem = nn.Sequential(nn.Conv2d(1, C, 3, padding=1), nn.GELU(), nn.Conv2d(C, C, 3, padding=1))
-            self.head = nn.Sequential(nn.Conv2d(2 * C, C, 3, padding=1), nn.GELU(), nn.Conv2d(C, 1, 3, padding=1))
+        if C:  # local pixel features at full resolution around the transformer (a U-Net skip)
+            self.stem = nn.Sequential(nn.Conv2d(1, C, 3, padding=1), nn.GELU(),
+                                      nn.Conv2d(C, C, 3, padding=1))
+            self.head = nn.Sequential(nn.Conv2d(2 * C, C, 3, padding=1), nn.GELU(),
+                                      nn.Conv2d(C, 1, 3, padding=1))
         self.pixel_channels = C or 1
-        self.patch_embed = nn.Linear(self.pixel_channels * p * p, D)               # a p×p patch → one token
-        grid = config.image_size // p
-        self.register_buffer("pos_embed", position_embedding_2d(grid, D)[None], persistent=False)  # [1, N, D]
+        self.patch_embed = nn.Linear(self.pixel_channels * p * p, D)  # a p×p patch → a token
+        positions = position_embedding_2d(config.image_size // p, D)[None]       # [1, N, D]
+        self.register_buffer("pos_embed", positions, persistent=False)
         self.time_mlp = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
         if config.cond:
-            # 11 rows: digits 0–9 and ∅; each row is `label_tokens` tokens for the cross-attention to look at
-            # N(0, 1) rows: as large as the timestep token beside them, so the label is heard from the first step
+            # 11 rows (digits 0–9 and ∅), each `label_tokens` tokens for the cross-attention;
+            # N(0, 1) rows are as loud as the timestep token beside them, so the label is heard
             self.label_embed = nn.Embedding(NUM_CLASSES + 1, config.label_tokens * D)
-        self.blocks = nn.ModuleList(DiTBlock(D, config.heads, config.mlp_ratio, config.cond) for _ in range(config.depth))
-        self.final_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.blocks = nn.ModuleList(DiTBlock(D, config.heads, config.mlp_ratio, config.cond)
+                                    for _ in range(config.depth))
+        self.final_norm = layer_norm(D)
         self.final_ada_ln = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.final_linear = nn.Linear(D, self.pixel_channels * p * p)
         last = self.head[-1] if C else self.final_linear
-        for layer in (self.final_ada_ln[1], last):  # adaLN-Zero: the model starts by predicting 0
+        for layer in (self.final_ada_ln[1], last):  # adaLN-Zero: the model starts at 0
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
     def condition_tokens(self, labels, time_emb):
-        """The keys/values of the cross-attention: the label's tokens plus the timestep token, [B, M, D]."""
+        """The cross-attention's keys and values: the label's tokens and the timestep token."""
         B, D = time_emb.shape
-        label_tokens = self.label_embed(labels).reshape(B, self.config.label_tokens, D)   # [B, L, D]
-        return torch.cat([label_tokens, time_emb[:, None]], dim=1)                        # [B, L+1, D]
+        label_tokens = self.label_embed(labels).reshape(B, self.config.label_tokens, D)
+        return torch.cat([label_tokens, time_emb[:, None]], dim=1)       # [B, L+1, D]
 
     def forward(self, x_t, t, labels=None):
-        # x_t: [B, 1, 28, 28]; t: [B] timesteps in [0, T−1] (fractional for flow); labels: [B] in 0..10
-        p = self.config.patch_size
-        pixels = self.stem(x_t) if self.config.conv_channels else x_t            # [B, C, 28, 28]
-        x = self.patch_embed(patchify(pixels, p)) + self.pos_embed               # [B, N, D], N = (28/p)²
-        time_emb = self.time_mlp(timestep_embedding(t, x.shape[-1]))             # [B, D]
-        cond = self.condition_tokens(labels, time_emb) if self.config.cond else None  # [B, M, D]
+        # x_t: [B, 1, 28, 28]; t: [B] in [0, T−1] (fractional for flow); labels: [B] in 0..10
+        p, has_conv = self.config.patch_size, self.config.conv_channels > 0
+        pixels = self.stem(x_t) if has_conv else x_t                     # [B, C, 28, 28]
+        x = self.patch_embed(patchify(pixels, p)) + self.pos_embed       # [B, N, D], N = (28/p)²
+        time_emb = self.time_mlp(timestep_embedding(t, x.shape[-1]))     # [B, D]
+        cond = None
+        if self.config.cond:
+            cond = self.condition_tokens(labels, time_emb)               # [B, M, D]
         for block in self.blocks:
-            x = block(x, time_emb, cond)                                         # [B, N, D]
-        shift, scale = self.final_ada_ln(time_emb)[:, None].chunk(2, dim=-1)     # [B, 1, D] each
-        x = self.final_linear(modulate(self.final_norm(x), shift, scale))        # [B, N, C·p·p]
-        x = unpatchify(x, p, self.pixel_channels)                                # [B, C, 28, 28]
-        if self.config.conv_channels:
-            x = self.head(torch.cat([x, pixels], dim=1))                         # [B, 1, 28, 28]
+            x = block(x, time_emb, cond)                                 # [B, N, D]
+        shift, scale = self.final_ada_ln(time_emb)[:, None].chunk(2, dim=-1)  # [B, 1, D] each
+        x = self.final_linear(modulate(self.final_norm(x), shift, scale))     # [B, N, C·p·p]
+        x = unpatchify(x, p, self.pixel_channels)                        # [B, C, 28, 28]
+        if has_conv:
+            x = self.head(torch.cat([x, pixels], dim=1))                 # [B, 1, 28, 28]
         return x
 
 
@@ -348,67 +464,77 @@ def count_parameters(model):
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Data
-#    MNIST as one tensor in [−1, 1] on the training device: batches are index lookups, no per-image work.
+# 5. Data
+#    MNIST as one tensor in [−1, 1] on the training device: a batch is an index lookup.
 # ---------------------------------------------------------------------------------------------
 
-class CliError(Exception):
-    """A problem the user can fix; the command line prints it as one line and exits with status 1."""
-
-
 def load_mnist(data_dir, train=True, device="cpu"):
-    """Returns images [N, 1, 28, 28] in [−1, 1] and labels [N]; downloads into data_dir when the files are missing."""
+    """Images [N, 1, 28, 28] in [−1, 1] and labels [N]; downloaded into data_dir if missing."""
     from torchvision.datasets import MNIST
     try:
         dataset = MNIST(root=data_dir, train=train, download=True)
     except Exception as error:  # no network, a proxy, a half-written file: say where we looked
-        raise CliError(f"MNIST is not in {os.path.join(data_dir, 'MNIST', 'raw')} and could not be downloaded "
-                       f"({type(error).__name__}: {error}); pass --data-dir pointing at a folder that holds MNIST/raw") from None
-    images = dataset.data.to(device=device, dtype=torch.float32)[:, None] / 127.5 - 1  # [N, 1, 28, 28], x0 ∈ [−1, 1]
-    return images, dataset.targets.to(device)
-
-
-def to_pixels(x):
-    """[−1, 1] → [0, 1] for saving: (x + 1) / 2, clamped; never min-max normalised (that hides range bugs)."""
-    return ((x + 1) / 2).clamp(0, 1)
-
-
-def save_grid(images, path, nrow):
-    from torchvision.utils import save_image
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_image(to_pixels(images.float().cpu()), path, nrow=nrow)
+        raw = os.path.join(data_dir, "MNIST", "raw")
+        raise UserError(f"MNIST is not in {raw} and could not be downloaded "
+                        f"({first_line(error)}); pass --data-dir pointing at a "
+                        f"folder that holds MNIST/raw") from None
+    pixels = dataset.data.to(device=device, dtype=torch.float32)[:, None]   # [N, 1, 28, 28]
+    return pixels / 127.5 - 1, dataset.targets.to(device)                   # x0 ∈ [−1, 1]
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Training: Algorithm 1 (training) of Ho et al. 2020, with label dropout for CFG (seed 000)
-#    Sample x0, t, ε; build x_t with noise_image; regress the network onto ε (or onto v, which converts to ε).
+# 6. Training objective: Algorithm 1 (training) of Ho et al. 2020, with label dropout for CFG
+#    Draw x0, t, ε; build x_t with noise_image; regress the network onto ε (or onto v).
 # ---------------------------------------------------------------------------------------------
 
 def drop_labels(labels, p, generator=None):
-    """Classifier-free guidance training: each label becomes ∅ with probability p."""
+    """Classifier-free guidance training (Ho & Salimans 2022): each label becomes ∅ with
+    probability p, so one network also learns the unconditional task."""
     drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
     return torch.where(drop, torch.full_like(labels, NULL_LABEL), labels)
 
 
-def training_loss(model, scheduler, x0, labels, config):
-    """Per-sample loss [B] and the time of each sample in [0, 1) (for the per-t diagnostic)."""
-    B = x0.shape[0]
-    labels = drop_labels(labels, config.label_drop) if config.cond else None
-    if config.objective == "flow":
-        # rectified flow (seed 003): s ~ sigmoid(N(0, 1)) (logit-normal), x_s = (1−s)·x0 + s·ε, target v = ε − x0
-        s = torch.sigmoid(torch.randn(B, device=x0.device))
-        noise = torch.randn_like(x0)
-        pred = model(flow_interpolate(x0, s, noise), s * (config.num_timesteps - 1), labels)
-        return (pred - (noise - x0)).pow(2).mean(dim=(1, 2, 3)), s
-    # DDPM: t ~ Uniform{0, …, T−1}, x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε, loss ‖ε − ε_θ(x_t, t, c)‖² (or ‖v − v_θ‖²)
-    t = torch.randint(0, config.num_timesteps, (B,), device=x0.device)
-    x_t, noise = scheduler.noise_image(x0, t)
+def min_snr_weight(snr, gamma, prediction):
+    """min-SNR-γ (Hang et al. 2023): min(SNR, γ)/SNR for an ε-loss, min(SNR, γ)/(SNR + 1)
+    for a v-loss (the same weight on ‖x0 − x̂0‖² either way); γ = 0 switches it off."""
+    if gamma <= 0:
+        return torch.ones_like(snr)
+    denominator = snr if prediction == "eps" else snr + 1
+    return snr.clamp(max=gamma) / denominator
+
+
+def denoising_loss(model, scheduler, x0, labels, config, generator=None):
+    """DDPM: t ~ U{0, …, T−1}, x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε, loss ‖ε − ε_θ(x_t, t, c)‖²
+    (or ‖v − v_θ‖²), weighted by min-SNR. Returns the per-image loss [B] and t/T [B]."""
+    B, device = x0.shape[0], x0.device
+    t = torch.randint(0, config.num_timesteps, (B,), device=device, generator=generator)
+    noise = torch.randn(x0.shape, device=device, generator=generator)
+    x_t, _ = scheduler.noise_image(x0, t, noise)
     target = noise if config.prediction == "eps" else scheduler.velocity(x0, t, noise)
-    per_image = (model(x_t, t, labels) - target).pow(2).mean(dim=(1, 2, 3))     # [B]
-    if config.min_snr_gamma > 0:  # min-SNR-γ (Hang et al. 2023): weight min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v
-        snr = scheduler.snr[t]
-        per_image = per_image * snr.clamp(max=config.min_snr_gamma) / (snr if config.prediction == "eps" else snr + 1)
-    return per_image, t.float() / config.num_timesteps
+    per_image = (model(x_t, t, labels) - target).pow(2).mean(dim=(1, 2, 3))        # [B]
+    weight = min_snr_weight(scheduler.snr[t], config.min_snr_gamma, config.prediction)
+    return weight * per_image, t.float() / config.num_timesteps
+
+
+def flow_matching_loss(model, x0, labels, config, generator=None):
+    """Rectified flow: s ~ sigmoid(N(0, 1)) (logit-normal), x_s = (1−s)·x0 + s·ε, target
+    v = ε − x0; the network reads s as t = s·(T−1). Returns the loss [B] and s [B]."""
+    B, device = x0.shape[0], x0.device
+    s = torch.sigmoid(torch.randn(B, device=device, generator=generator))
+    noise = torch.randn(x0.shape, device=device, generator=generator)
+    pred_velocity = model(flow_interpolate(x0, s, noise), s * (config.num_timesteps - 1), labels)
+    return (pred_velocity - (noise - x0)).pow(2).mean(dim=(1, 2, 3)), s
+
+
+def training_loss(model, scheduler, x0, labels, config, generator=None):
+    """The loss of one batch: per-image [B], and each image's noise level in [0, 1) [B]."""
+    if config.cond:
+        labels = drop_labels(labels, config.label_drop, generator)
+    else:
+        labels = None  # the unconditional model never sees a label
+    if config.objective == "flow":
+        return flow_matching_loss(model, x0, labels, config, generator)
+    return denoising_loss(model, scheduler, x0, labels, config, generator)
 
 
 def learning_rate(step, total_steps, config):
@@ -419,6 +545,12 @@ def learning_rate(step, total_steps, config):
     return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def set_learning_rate(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
     for ema_param, param in zip(ema.parameters(), model.parameters()):
@@ -426,187 +558,113 @@ def update_ema(ema, model, decay):
 
 
 def ema_decay_at(step, config):
-    """EMA warm-up: early on the average follows the weights closely, later it settles to config.ema_decay."""
+    """EMA warm-up: early on the average follows the weights closely, later it settles."""
     return min(config.ema_decay, (1 + step) / (10 + step))
 
 
-def save_checkpoint(path, model, ema, optimizer, config, step):
-    """Write to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-             "config": asdict(config), "step": step}
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, device="cpu"):
-    if not os.path.isfile(path):
-        raise CliError(f"no checkpoint at {path}; make one with `python vanilla_diffusion.py train --cond` "
-                       f"(it writes runs/ckpt.pt) or pass --ckpt")
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-        config = Config(**state["config"])
-    except Exception as error:
-        raise CliError(f"{path} is not a readable VanillaDiffusion checkpoint ({type(error).__name__}: {error})") from None
-    return state, config
-
-
-def build_model(config, device):
-    return DiT(config).to(device), NoiseScheduler(config.num_timesteps, config.beta_start, config.beta_end).to(device)
-
-
-def load_model(path, device):
-    """The EMA weights of a checkpoint in a model rebuilt from its stored config, ready to sample."""
-    state, config = load_checkpoint(path, device)
-    model, scheduler = build_model(config, device)
-    try:
-        model.load_state_dict(state["ema"])
-    except (KeyError, RuntimeError) as error:
-        raise CliError(f"the weights in {path} do not fit the model its config describes "
-                       f"(made by another version of this file?): {str(error).splitlines()[0]}") from None
-    return model.eval(), scheduler, config, state
-
-
-def format_seconds(seconds):
-    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
-
-
-def train(config, args):
-    device = pick_device(args.device)
-    torch.manual_seed(args.seed)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    start_step, state = 0, None
-    if args.resume:
-        state, saved = load_checkpoint(ckpt_path, device)
-        config = saved  # the saved run's settings win: resuming continues that run
-    images, labels = load_mnist(args.data_dir, train=True, device=device)
-    model, scheduler = build_model(config, device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
-    if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-            ema.load_state_dict(state["ema"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (KeyError, RuntimeError, ValueError) as error:
-            raise CliError(f"cannot resume from {ckpt_path}: {str(error).splitlines()[0]}") from None
-        start_step = state["step"]
-    steps_per_epoch = len(images) // config.batch_size
-    total_steps = args.max_steps or config.epochs * steps_per_epoch
-    kind = "conditional" if config.cond else "unconditional"
-    print(f"{kind} DiT, {count_parameters(model) / 1e6:.2f} M parameters, objective {config.objective}, "
-          f"{len(images)} images, {total_steps} steps of {config.batch_size} on {device}", flush=True)
-    model.train()  # label dropout happens inside training_loss; nothing else differs between train and eval here
-    bucket_loss, bucket_count = torch.zeros(10, device=device), torch.zeros(10, device=device)  # loss per tenth of t
-    step, last_print, started, done_since_start = start_step, time.time(), time.time(), 0
-    try:
-        order, order_epoch = None, None
-        while step < total_steps:
-            epoch, index_in_epoch = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:  # a fresh shuffle per epoch, seeded by the epoch so --resume continues it exactly
-                order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed + epoch)).to(device)
-                order_epoch = epoch
-            batch = order[index_in_epoch * config.batch_size:(index_in_epoch + 1) * config.batch_size]
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, total_steps, config)
-            per_image, time_fraction = training_loss(model, scheduler, images[batch], labels[batch], config)
-            loss = per_image.mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            update_ema(ema, model, ema_decay_at(step, config))
-            step += 1
-            done_since_start += 1
-            buckets = (time_fraction * 10).long().clamp(0, 9)
-            bucket_loss.index_add_(0, buckets, per_image.detach().float())
-            bucket_count.index_add_(0, buckets, torch.ones_like(per_image))
-            now = time.time()
-            if now - last_print > 5 or step == total_steps:
-                rate = done_since_start * config.batch_size / (now - started)
-                eta = (total_steps - step) * config.batch_size / rate
-                print(f"step {step}/{total_steps}  epoch {step / steps_per_epoch:.2f}  loss {loss.item():.4f}  "
-                      f"lr {optimizer.param_groups[0]['lr']:.2e}  {rate:.0f} img/s  ETA {format_seconds(eta)}", flush=True)
-                last_print = now
-            if step % steps_per_epoch == 0 or step == total_steps:
-                per_bucket = " ".join(f"{value:.3f}" for value in (bucket_loss / bucket_count.clamp(min=1)).tolist())
-                print(f"loss per tenth of t (low noise → high noise): {per_bucket}", flush=True)
-                bucket_loss.zero_(), bucket_count.zero_()
-                save_checkpoint(ckpt_path, model, ema, optimizer, config, step)
-                grid = os.path.join(args.out_dir, f"samples_step{step:06d}.png")
-                save_sample_grid(ema, scheduler, config, grid, device)
-                print(f"saved {ckpt_path} and {grid}", flush=True)
-    except KeyboardInterrupt:
-        save_checkpoint(ckpt_path, model, ema, optimizer, config, step)
-        print(f"\ninterrupted at step {step}; saved {ckpt_path} (continue with --resume)", flush=True)
-        raise SystemExit(130)
-    print(f"done in {format_seconds(time.time() - started)}; sample with "
-          f"`python vanilla_diffusion.py sample --ckpt {ckpt_path}" + (" --label 4`" if config.cond else "`"), flush=True)
-
-
 # ---------------------------------------------------------------------------------------------
-# 6. Sampling: classifier-free guidance (Ho & Salimans 2022), negative labels and image-to-image (seed 002)
-#    ε = ε_∅ + w·(ε_c − ε_∅); the ∅ branch may hold a negative label; img2img starts from a noised image.
+# 7. Sampling: classifier-free guidance (Ho & Salimans 2022), negative labels, image-to-image
+#    (Meng et al. 2022, SDEdit). Each sampler is one loop that yields x after every step.
 # ---------------------------------------------------------------------------------------------
 
 def guided_prediction(model, x, t, labels, guidance_scale, negative_labels=None):
-    """One batched forward pass of [cond; uncond], then ε = ε_uncond + w·(ε_cond − ε_uncond) on the whole output.
+    """ε = ε_∅ + w·(ε_c − ε_∅) on the whole output, from one batched pass of [cond; uncond].
 
-    w = 0 is the unconditional model, w = 1 the conditional one, w > 1 pushes further toward the label.
-    With negative labels the "unconditional" branch is conditioned on them, so the sample is pushed away from them.
+    w = 0 is the unconditional model, w = 1 the conditional one, w > 1 pushes toward the label.
+    With negative labels the "unconditional" branch is conditioned on them: pushed away.
     """
     if labels is None:  # an unconditional model: nothing to guide
         return model(x, t, None)
-    uncond_labels = torch.full_like(labels, NULL_LABEL) if negative_labels is None else negative_labels
-    both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, uncond_labels]))  # [2B, 1, 28, 28]
-    pred_cond, pred_uncond = both.chunk(2)                                                   # [B, 1, 28, 28] each
+    if negative_labels is None:
+        uncond_labels = torch.full_like(labels, NULL_LABEL)
+    else:
+        uncond_labels = negative_labels
+    both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, uncond_labels]))
+    pred_cond, pred_uncond = both.chunk(2)                              # [B, 1, 28, 28] each
     return pred_uncond + guidance_scale * (pred_cond - pred_uncond)
 
 
+class Denoiser:
+    """What a sampler asks the network: x and t in, the guided ε_θ(x_t, t) out.
+
+    A v-network's output is turned into ε here, so every sampler uses the ε formulas.
+    For a flow model the output is the velocity v_θ, and t = s·(T−1).
+    """
+
+    def __init__(self, model, scheduler, config, labels, guidance_scale, negative_labels=None):
+        self.model, self.scheduler, self.config = model, scheduler, config
+        self.labels, self.negative_labels = labels, negative_labels
+        self.guidance_scale = guidance_scale
+
+    def __call__(self, x, t):
+        t_batch = torch.full((len(x),), float(t), device=x.device)     # [B]
+        output = guided_prediction(self.model, x, t_batch, self.labels, self.guidance_scale,
+                                   self.negative_labels)
+        if self.config.objective == "eps" and self.config.prediction == "v":
+            return self.scheduler.noise_from_velocity(x, t, output)     # ε_θ from v_θ
+        return output
+
+
 def sampling_timesteps(start_t, steps):
-    """`steps` integer timesteps from start_t down to 0, evenly spaced, no repeats: [start_t, …, 0]."""
+    """`steps` integer timesteps from start_t down to 0, evenly spaced, no repeats."""
     return torch.linspace(start_t, 0, steps).round().long().unique_consecutive().tolist()
 
 
-@torch.no_grad()
-def generate(model, scheduler, config, labels, *, shape, guidance_scale, sampler, steps, negative_labels=None,
-             init_images=None, strength=1.0, generator=None, frames=None):
-    """Draw images from noise (or from a noised init image). Returns [B, 1, 28, 28] in [−1, 1].
+def ddpm_sampler(denoise, scheduler, x, start_t, generator=None, clip_x0=True):
+    """Algorithm 2 of Ho et al. 2020: every t from start_t down to 0."""
+    for t in range(start_t, -1, -1):
+        pred_noise = denoise(x, t)                                      # ε_θ(x_t, t)
+        x = scheduler.sample_prev_image_distribution(x, t, pred_noise, generator,
+                                                     clip_x0=clip_x0)
+        yield x                                                         # x_{t−1}
 
-    sampler: "ddpm" takes every timestep (Algorithm 2), "ddim" takes `steps` of them, "euler" integrates a flow model.
-    frames: a list that receives x after each step (for the animation).
-    """
-    device = next(model.parameters()).device
-    x = gaussian_like(torch.empty(shape, device=device), generator)                  # x_T ~ N(0, I)   [B, 1, 28, 28]
-    batch_t = lambda value: torch.full((shape[0],), value, device=device, dtype=torch.float32)
 
-    def predict(x, t):  # the guided network output at timestep t, as ε_θ for DDPM models (as v for flow models)
-        output = guided_prediction(model, x, batch_t(t), labels, guidance_scale, negative_labels)
-        return scheduler.noise_from_velocity(x, t, output) if config.objective == "eps" and config.prediction == "v" else output
+def ddim_sampler(denoise, scheduler, x, timesteps, clip_x0=True):
+    """DDIM with η = 0 (Song et al. 2021): a few of the T timesteps, deterministic."""
+    for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):             # the last step goes to x0
+        pred_noise = denoise(x, t)                                      # ε_θ(x_t, t)
+        x = scheduler.ddim_step(x, t, t_prev, pred_noise, clip_x0=clip_x0)
+        yield x                                                         # x_{t_prev}
 
-    if sampler == "euler":
-        # rectified flow: integrate dx/ds = v_θ(x, s) from s = strength down to 0 with Euler steps
-        if init_images is not None:
-            x = flow_interpolate(init_images, batch_t(strength), x)                  # x_s = (1−s)·x0 + s·ε
-        grid = torch.linspace(strength, 0, steps + 1).tolist()
-        for s, s_next in zip(grid[:-1], grid[1:]):
-            x = euler_step(x, s, s_next, predict(x, s * (config.num_timesteps - 1)))
-            if frames is not None:
-                frames.append(x)
-        return x
+
+def euler_sampler(denoise, x, s_grid, num_timesteps):
+    """Rectified flow: integrate dx/ds = v_θ(x, s) down the grid s_0 > s_1 > … > 0."""
+    for s, s_next in zip(s_grid[:-1], s_grid[1:]):
+        velocity = denoise(x, s * (num_timesteps - 1))                  # v_θ(x_s, s)
+        x = euler_step(x, s, s_next, velocity)
+        yield x                                                         # x_{s_next}
+
+
+def noised_start(scheduler, config, init_images, strength, noise):
+    """Image-to-image's starting point: the picture noised to t = strength·(T−1) (for a flow
+    model: moved to s = strength along the straight line)."""
+    if config.objective == "flow":
+        s = torch.full((len(init_images),), strength, device=init_images.device)
+        return flow_interpolate(init_images, s, noise)                  # x_s = (1−s)·x0 + s·ε
     start_t = round(strength * (config.num_timesteps - 1))
+    return scheduler.noise_image(init_images, start_t, noise)[0]        # x_t = √ᾱ·x0 + √(1−ᾱ)·ε
+
+
+@torch.no_grad()
+def generate(model, scheduler, config, labels, *, shape, guidance_scale, sampler, steps,
+             negative_labels=None, init_images=None, strength=1.0, generator=None, frames=None):
+    """Draw images from noise (or from a noised init image): [B, 1, 28, 28] in [−1, 1].
+    frames, if a list, receives x after every step (for the animation)."""
+    device = next(model.parameters()).device
+    denoise = Denoiser(model, scheduler, config, labels, guidance_scale, negative_labels)
+    x = gaussian_like(torch.empty(shape, device=device), generator)     # x_T ~ N(0, I)
     if init_images is not None:
-        x, _ = scheduler.noise_image(init_images, start_t, noise=x)                  # img2img: x_t from the image
+        x = noised_start(scheduler, config, init_images, strength, x)
+    start_t = round(strength * (config.num_timesteps - 1))
     if sampler == "ddpm":
-        for t in range(start_t, -1, -1):
-            x = scheduler.sample_prev_image_distribution(x, t, predict(x, t), generator, clip_x0=config.clip_x0)
-            if frames is not None:
-                frames.append(x)
-        return x
-    timesteps = sampling_timesteps(start_t, steps)
-    for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
-        x = scheduler.ddim_step(x, t, t_prev, predict(x, t), clip_x0=config.clip_x0)
+        loop = ddpm_sampler(denoise, scheduler, x, start_t, generator, config.clip_x0)
+    elif sampler == "ddim":
+        timesteps = sampling_timesteps(start_t, steps)
+        loop = ddim_sampler(denoise, scheduler, x, timesteps, config.clip_x0)
+    else:
+        s_grid = torch.linspace(strength, 0, steps + 1).tolist()
+        loop = euler_sampler(denoise, x, s_grid, config.num_timesteps)
+    for x in loop:
         if frames is not None:
             frames.append(x)
     return x
@@ -616,61 +674,283 @@ def default_sampler(config):
     return "euler" if config.objective == "flow" else config.sampler
 
 
-def save_sample_grid(model, scheduler, config, path, device, per_digit=8, seed=0):
-    """The picture written after each epoch: one row per digit (or an 8×8 grid for the unconditional model)."""
+def default_steps(sampler, config):
+    return config.num_timesteps if sampler == "ddpm" else config.sample_steps
+
+
+def save_sample_grid(model, scheduler, config, path, per_digit=8, seed=0):
+    """The picture written after each epoch: a row per digit (an 8×8 grid if unconditional)."""
+    device = next(model.parameters()).device
     model.eval()
-    labels = torch.arange(NUM_CLASSES, device=device).repeat_interleave(per_digit) if config.cond else None
-    n = len(labels) if config.cond else 64
-    images = generate(model, scheduler, config, labels, shape=(n, 1, config.image_size, config.image_size),
-                      guidance_scale=config.guidance_scale, sampler=default_sampler(config), steps=config.sample_steps,
+    labels = None
+    if config.cond:
+        labels = torch.arange(NUM_CLASSES, device=device).repeat_interleave(per_digit)
+    count = len(labels) if config.cond else 64
+    sampler = default_sampler(config)
+    images = generate(model, scheduler, config, labels, shape=(count, 1, 28, 28),
+                      guidance_scale=config.guidance_scale, sampler=sampler,
+                      steps=default_steps(sampler, config),
                       generator=torch.Generator().manual_seed(seed))
     save_grid(images, path, nrow=per_digit if config.cond else 8)
     model.train()
 
 
-def save_animation(frames, path, nrow, max_frames=60):
-    """The denoising as a GIF: one grid per step (at most max_frames of them), holding the last for a second."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-    keep = sorted(set(torch.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().long().tolist()))
-    pictures = []
-    for i in keep:
-        grid = make_grid(to_pixels(frames[i].float().cpu()), nrow=nrow)                 # [3, H, W] in [0, 1]
-        pictures.append(Image.fromarray((grid[0] * 255).round().byte().numpy(), mode="L"))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    pictures[0].save(path, save_all=True, append_images=pictures[1:] + [pictures[-1]] * 10, duration=80, loop=0)
+# ---------------------------------------------------------------------------------------------
+# 8. Checkpoints
+#    Written durably (fsync, then an atomic rename), only from finite weights, and holding
+#    every random state of the run, so that --resume continues it bit for bit.
+# ---------------------------------------------------------------------------------------------
+
+def durable_save(state, path):
+    """torch.save to a temporary file, flushed to disk, then renamed over `path`: a crash or a
+    power cut leaves either the old file or the new one, never half of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(folder_fd)
+        os.close(folder_fd)
 
 
-def load_init_image(path, size):
-    """A grey image for img2img: a .pt tensor [28, 28] in [−1, 1], or any picture file (resized, made grey)."""
+def all_finite(module):
+    tensors = [value for value in module.state_dict().values() if value.is_floating_point()]
+    return all(torch.isfinite(value).all() for value in tensors)
+
+
+def save_checkpoint(path, run, config, seed):
+    """The model, its EMA, the optimizer, the config, the step and the random states."""
+    if not (all_finite(run.model) and all_finite(run.ema)):
+        raise UserError(f"refusing to save non-finite weights over {path}")
+    state = {"model": run.model.state_dict(), "ema": run.ema.state_dict(),
+             "optimizer": run.optimizer.state_dict(), "config": asdict(config),
+             "step": run.step, "seed": seed, "generator": run.generator.get_state()}
+    durable_save(state, path)
+
+
+def load_checkpoint(path, device="cpu"):
     if not os.path.isfile(path):
-        raise CliError(f"no init image at {path}")
+        raise UserError(f"no checkpoint at {path}; make one with `python vanilla_diffusion.py "
+                        f"train --cond` (it writes runs/ckpt.pt) or pass --ckpt")
     try:
-        from PIL import Image
-        from torchvision.transforms.functional import pil_to_tensor
-        picture = Image.open(path).convert("L").resize((size, size), Image.BILINEAR)
-        return pil_to_tensor(picture).float()[None] / 127.5 - 1                         # [1, 1, 28, 28] in [−1, 1]
+        state = torch.load(path, map_location=device, weights_only=True)
+        config = Config(**state["config"])
     except Exception as error:
-        raise CliError(f"could not read {path} as an image ({type(error).__name__}: {error})") from None
+        raise UserError(f"{path} is not a readable VanillaDiffusion checkpoint "
+                        f"({first_line(error)})") from None
+    return state, config
+
+
+def build_model(config, device):
+    scheduler = NoiseScheduler(config.num_timesteps, config.beta_start, config.beta_end)
+    return DiT(config).to(device), scheduler.to(device)
+
+
+def load_model(path, device):
+    """The EMA weights of a checkpoint in a model rebuilt from its stored config."""
+    state, config = load_checkpoint(path, device)
+    model, scheduler = build_model(config, device)
+    try:
+        model.load_state_dict(state["ema"])
+    except (KeyError, RuntimeError) as error:
+        raise UserError(f"the weights in {path} do not fit the model its config describes "
+                        f"(made by another version of this file?): {first_line(error)}") from None
+    return model.eval(), scheduler, config, state
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. Evaluation: how good are my samples?
-#    A small CNN classifier checks that each sample shows its label, and its features give a Fréchet distance.
+# 9. Training loop
+#    Algorithm 1 as stanzas (nanoGPT style); around it, small functions that start or restore
+#    a run, print progress, stop cleanly on Ctrl-C and stop at once if the loss diverges.
 # ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """Everything a training run needs to continue exactly where it stopped."""
+    model: nn.Module
+    ema: nn.Module             # the weights used for sampling
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # every random draw of training: t, ε, label dropout
+    step: int = 0
+
+
+def start_run(config, device, seed, checkpoint=None, path=""):
+    """A new run from `seed`, or the run stored in `checkpoint` restored exactly; and the
+    noise scheduler it trains with."""
+    scheduler = NoiseScheduler(config.num_timesteps, config.beta_start, config.beta_end).to(device)
+    torch.manual_seed(seed)
+    model = DiT(config).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    run = Run(model.train(), ema, optimizer, torch.Generator(device).manual_seed(seed))
+    if checkpoint is None:  # model.train(): label dropout is in training_loss, nothing else differs
+        return run, scheduler
+    try:
+        model.load_state_dict(checkpoint["model"])
+        ema.load_state_dict(checkpoint["ema"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        run.generator.set_state(checkpoint["generator"].cpu())
+    except (KeyError, RuntimeError, ValueError, TypeError) as error:
+        raise UserError(f"cannot resume from {path}: {first_line(error)}") from None
+    run.step = checkpoint["step"]
+    return run, scheduler
+
+
+@functools.lru_cache(maxsize=1)
+def shuffled_order(num_images, seed, epoch):
+    """A fresh shuffle each epoch, seeded by (seed, epoch): a resumed run continues it."""
+    return torch.randperm(num_images, generator=torch.Generator().manual_seed(seed + epoch))
+
+
+def batch_indices(step, batch_size, num_images, seed):
+    """The images of a step: the next slice of its epoch's shuffled order."""
+    epoch, index_in_epoch = divmod(step, num_images // batch_size)
+    first = index_in_epoch * batch_size
+    return shuffled_order(num_images, seed, epoch)[first:first + batch_size]
+
+
+class StopOnCtrlC:
+    """The first Ctrl-C lets the current step finish, so the saved state is whole and the run
+    resumes exactly; a second Ctrl-C stops at once."""
+
+    def __enter__(self):
+        self.pressed, self.previous = False, None
+        try:
+            self.previous = signal.signal(signal.SIGINT, self.press)
+        except ValueError:  # not the main thread: Ctrl-C cannot reach us anyway
+            pass
+        return self
+
+    def press(self, signum, frame):
+        self.pressed = True
+        signal.signal(signal.SIGINT, self.previous)
+
+    def __exit__(self, *exception):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+class Progress:
+    """A line every few seconds (step, loss, lr, images/s, ETA) and, per epoch, the loss per
+    tenth of t: the README lists reference values to compare with."""
+
+    def __init__(self, first_step, total_steps, batch_size, num_images, device):
+        self.first_step, self.total_steps, self.batch_size = first_step, total_steps, batch_size
+        self.steps_per_epoch = num_images // batch_size
+        self.started = self.last_print = time.time()
+        self.bucket_loss = torch.zeros(10, device=device)    # summed loss per tenth of t
+        self.bucket_count = torch.zeros(10, device=device)
+
+    def epoch_ended(self, step):
+        return step % self.steps_per_epoch == 0 or step == self.total_steps
+
+    def update(self, step, loss, per_image, noise_level, lr):
+        buckets = (noise_level * 10).long().clamp(0, 9)
+        self.bucket_loss.index_add_(0, buckets, per_image.detach().float())
+        self.bucket_count.index_add_(0, buckets, torch.ones_like(per_image))
+        now = time.time()
+        if now - self.last_print < 5 and step < self.total_steps:
+            return
+        rate = (step - self.first_step) * self.batch_size / max(now - self.started, 1e-9)
+        eta = (self.total_steps - step) * self.batch_size / max(rate, 1e-9)
+        epoch = step / self.steps_per_epoch
+        print(f"step {step}/{self.total_steps}  epoch {epoch:.2f}  loss {loss:.4f}  lr {lr:.2e}  "
+              f"{rate:.0f} img/s  ETA {format_seconds(eta)}", flush=True)
+        self.last_print = now
+
+    def print_loss_per_tenth_of_t(self):
+        means = (self.bucket_loss / self.bucket_count.clamp(min=1)).tolist()
+        print("loss per tenth of t (low noise → high noise): "
+              + " ".join(f"{value:.3f}" for value in means), flush=True)
+        self.bucket_loss.zero_()
+        self.bucket_count.zero_()
+
+
+def stop_if_diverged(loss, grad_norm, step, lr, ckpt_path):
+    """A non-finite loss or gradient stops the run before the weights are touched."""
+    if torch.isfinite(loss) and torch.isfinite(grad_norm):
+        return
+    raise UserError(f"training diverged at step {step}: the loss is {loss.item():.3g} at "
+                    f"learning rate {lr:.3g}; nothing was saved and {ckpt_path} (if any) keeps "
+                    f"the last good weights; try a smaller --lr")
+
+
+def end_of_epoch(run, config, scheduler, out_dir, seed, progress):
+    """Print the loss per tenth of t, save the checkpoint and a grid of samples."""
+    progress.print_loss_per_tenth_of_t()
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    save_checkpoint(ckpt_path, run, config, seed)
+    grid_path = os.path.join(out_dir, f"samples_step{run.step:06d}.png")
+    save_sample_grid(run.ema, scheduler, config, grid_path)
+    print(f"saved {ckpt_path} and {grid_path}", flush=True)
+
+
+def train(config, images, labels, *, out_dir, total_steps, seed=0, checkpoint=None):
+    """Algorithm 1 for total_steps; returns the Run (short of total_steps after a Ctrl-C)."""
+    device, ckpt_path = images.device, os.path.join(out_dir, "ckpt.pt")
+    run, scheduler = start_run(config, device, seed, checkpoint, ckpt_path)
+    progress = Progress(run.step, total_steps, config.batch_size, len(images), device)
+    with StopOnCtrlC() as ctrl_c:
+        while run.step < total_steps and not ctrl_c.pressed:
+
+            # draw the batch: the indices of this step's images and labels
+            batch = batch_indices(run.step, config.batch_size, len(images), seed).to(device)
+
+            # set the learning rate for this step: linear warm-up, then cosine decay
+            lr = set_learning_rate(run.optimizer, learning_rate(run.step, total_steps, config))
+
+            # forward, backward, update; a non-finite loss stops before the weights change
+            per_image, noise_level = training_loss(run.model, scheduler, images[batch],
+                                                   labels[batch], config, run.generator)
+            loss = per_image.mean()
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
+            stop_if_diverged(loss, grad_norm, run.step, lr, ckpt_path)
+            run.optimizer.step()
+
+            # the exponential moving average of the weights, which sampling uses
+            update_ema(run.ema, run.model, ema_decay_at(run.step, config))
+            run.step += 1
+
+            # progress, and at the end of each epoch a checkpoint and a picture
+            progress.update(run.step, loss.item(), per_image, noise_level, lr)
+            if progress.epoch_ended(run.step):
+                end_of_epoch(run, config, scheduler, out_dir, seed, progress)
+    if run.step < total_steps:  # Ctrl-C: the step in flight finished, so the state is whole
+        save_checkpoint(ckpt_path, run, config, seed)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Evaluation: how good are the samples?
+#     A small CNN checks that each sample shows its label; its features give a Fréchet
+#     distance to real digits (the FID formula of Heusel et al. 2017, with an MNIST network).
+# ---------------------------------------------------------------------------------------------
+
+def conv_block(c_in, c_out):
+    return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(),
+            nn.MaxPool2d(2)]
+
 
 class Classifier(nn.Module):
-    """A small CNN for MNIST (> 99% test accuracy after two epochs); features() is its 128-d penultimate layer."""
+    """A small CNN for MNIST (> 99% test accuracy after two epochs); features() is its 128-d
+    penultimate layer."""
 
     def __init__(self):
         super().__init__()
-        block = lambda c_in, c_out: [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
-        self.body = nn.Sequential(*block(1, 32), *block(32, 64), *block(64, 128), nn.Flatten(),    # 28 → 14 → 7 → 3
+        self.body = nn.Sequential(*conv_block(1, 32), *conv_block(32, 64),       # 28 → 14 → 7
+                                  *conv_block(64, 128), nn.Flatten(),            # → 3
                                   nn.Linear(128 * 3 * 3, 128), nn.ReLU())
         self.head = nn.Linear(128, NUM_CLASSES)
 
     def features(self, x):
-        return self.body(x)  # [B, 128]
+        return self.body(x)             # [B, 128]
 
     def forward(self, x):
         return self.head(self.body(x))  # [B, 10] logits
@@ -678,14 +958,34 @@ class Classifier(nn.Module):
 
 @torch.no_grad()
 def classify(classifier, images, batch_size=1000):
-    """Predicted digits [N] and penultimate features [N, 128] of images in [−1, 1]."""
+    """Class probabilities [N, 10] and penultimate features [N, 128] of images in [−1, 1]."""
     classifier.eval()
-    features = torch.cat([classifier.features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
-    return classifier.head(features).argmax(dim=1), features
+    features = torch.cat([classifier.features(images[i:i + batch_size])
+                          for i in range(0, len(images), batch_size)])
+    return classifier.head(features).softmax(dim=1), features
 
 
-def get_classifier(path, data_dir, device, epochs=2):
-    """Load the cached classifier next to the checkpoint, or train it (about a minute on 2 CPU cores) and cache it."""
+def train_classifier(data_dir, device, epochs=2, batch_size=128):
+    """The judge: two epochs of Adam with a one-cycle schedule (about a minute on 2 cores)."""
+    images, labels = load_mnist(data_dir, train=True, device=device)
+    torch.manual_seed(0)
+    classifier = Classifier().to(device)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=2e-3)
+    steps = epochs * (len(images) // batch_size)
+    lr_decay = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
+    classifier.train()
+    for _ in range(steps):
+        batch = torch.randint(0, len(images), (batch_size,), device=device)
+        loss = F.cross_entropy(classifier(images[batch]), labels[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lr_decay.step()
+    return classifier
+
+
+def get_classifier(path, data_dir, device):
+    """The classifier cached at `path`, or a new one, trained, tested and cached there."""
     classifier = Classifier().to(device)
     if os.path.isfile(path):
         try:
@@ -693,166 +993,113 @@ def get_classifier(path, data_dir, device, epochs=2):
             return classifier
         except Exception:  # a damaged cache is only a cache: train a new one
             print(f"could not read the cached classifier {path}; training a new one", flush=True)
-    images, labels = load_mnist(data_dir, train=True, device=device)
+    classifier = train_classifier(data_dir, device)
     test_images, test_labels = load_mnist(data_dir, train=False, device=device)
-    torch.manual_seed(0)
-    optimizer = torch.optim.Adam(classifier.parameters(), lr=2e-3)
-    steps = epochs * (len(images) // 128)
-    lr_decay = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
-    classifier.train()
-    for step in range(steps):
-        batch = torch.randint(0, len(images), (128,), device=device)
-        loss = F.cross_entropy(classifier(images[batch]), labels[batch])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        lr_decay.step()
-    predicted, _ = classify(classifier, test_images)
-    accuracy = (predicted == test_labels).float().mean().item()
-    print(f"classifier trained: {accuracy:.2%} on the 10,000 MNIST test images; cached at {path}", flush=True)
-    tmp = f"{path}.tmp"
-    torch.save(classifier.state_dict(), tmp)
-    os.replace(tmp, path)
+    accuracy = (classify(classifier, test_images)[0].argmax(1) == test_labels).float().mean()
+    print(f"classifier trained: {accuracy.item():.2%} on the 10,000 MNIST test images", flush=True)
+    try:
+        durable_save(classifier.state_dict(), path)
+    except OSError as error:  # a cache we cannot write costs a minute next time, nothing more
+        print(f"could not cache the classifier at {path} ({error.strerror})", flush=True)
     return classifier
 
 
 def frechet_distance(features_a, features_b):
-    """‖μ_a − μ_b‖² + Tr(Σ_a + Σ_b − 2·(Σ_a^½ Σ_b Σ_a^½)^½), in float64 (the FID formula, Heusel et al. 2017)."""
+    """‖μ_a − μ_b‖² + Tr(Σ_a + Σ_b − 2·(Σ_a^½ Σ_b Σ_a^½)^½), in float64."""
     a, b = features_a.double().cpu(), features_b.double().cpu()
     mean_a, mean_b = a.mean(0), b.mean(0)
     cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
     eigenvalues, eigenvectors = torch.linalg.eigh(cov_a)
-    sqrt_cov_a = eigenvectors @ torch.diag(eigenvalues.clamp(min=0).sqrt()) @ eigenvectors.T          # Σ_a^½
-    middle = torch.linalg.eigvalsh(sqrt_cov_a @ cov_b @ sqrt_cov_a).clamp(min=0)                       # eigenvalues of Σ_a^½ Σ_b Σ_a^½
-    return ((mean_a - mean_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * middle.sqrt().sum()).item()
+    sqrt_eigenvalues = torch.diag(eigenvalues.clamp(min=0).sqrt())
+    sqrt_cov_a = eigenvectors @ sqrt_eigenvalues @ eigenvectors.T                  # Σ_a^½
+    middle = torch.linalg.eigvalsh(sqrt_cov_a @ cov_b @ sqrt_cov_a).clamp(min=0)   # eigenvalues
+    trace_term = cov_a.trace() + cov_b.trace() - 2 * middle.sqrt().sum()
+    return ((mean_a - mean_b).pow(2).sum() + trace_term).item()
 
 
-def parse_sampler_settings(text, config):
-    """"ddim:20,ddpm" → [("ddim", 20), ("ddpm", T)]."""
-    settings = []
-    for item in filter(None, text.split(",")):
-        name, _, steps = item.partition(":")
-        if steps and not steps.isdigit():
-            raise CliError(f"--samplers takes sampler:steps items such as ddim:20,ddpm; got {item!r}")
-        settings.append((name, int(steps) if steps else config.num_timesteps if name == "ddpm" else config.sample_steps))
-    return settings
+def draw_in_batches(model, scheduler, config, labels, count, batch_size, **sampling):
+    """`count` samples, `batch_size` at a time, one generator throughout."""
+    chunks = []
+    for start in range(0, count, batch_size):
+        size = min(batch_size, count - start)
+        chunk_labels = None if labels is None else labels[start:start + size]
+        chunks.append(generate(model, scheduler, config, chunk_labels, shape=(size, 1, 28, 28),
+                               **sampling))
+    return torch.cat(chunks)
 
 
-def evaluate(args):
-    device = pick_device(args.device)
-    model, scheduler, config, state = load_model(args.ckpt, device)
-    settings = parse_sampler_settings(args.samplers or f"{default_sampler(config)}:{config.sample_steps}", config)
-    for sampler, steps in settings:  # fail on a bad setting before the slow work
-        check_sampler(sampler, steps, config)
-    classifier = get_classifier(os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "mnist_classifier.pt"), args.data_dir, device)
-    test_images, _ = load_mnist(args.data_dir, train=False, device=device)
-    train_images, _ = load_mnist(args.data_dir, train=True, device=device)
-    _, test_features = classify(classifier, test_images)
-    n = args.per_label * NUM_CLASSES
-    real = train_images[torch.randperm(len(train_images), generator=torch.Generator().manual_seed(args.seed))[:n].to(device)]
-    floor = frechet_distance(classify(classifier, real)[1], test_features)
-    print(f"checkpoint {args.ckpt}: step {state['step']}, objective {config.objective}; {n} samples per setting")
-    print(f"Fréchet distance of {n} real training images to the test set (the floor): {floor:.2f}")
-    scales = args.guidance_scales if config.cond else [0.0]
-    labels = torch.arange(NUM_CLASSES, device=device).repeat_interleave(args.per_label)  # [n]: per_label of each digit
-    header = f"{'sampler':>10} {'steps':>5} {'w':>5} {'accuracy':>9} {'worst digit':>12} {'distance':>9} {'s/image':>8}"
-    print(header if config.cond else f"{'sampler':>10} {'steps':>5} {'distance':>9} {'s/image':>8}  share of each predicted digit 0-9")
-    for sampler, steps in settings:
-        for w in scales:
-            generator = torch.Generator().manual_seed(args.seed)
-            started = time.time()
-            samples = torch.cat([generate(model, scheduler, config, labels[i:i + args.batch_size] if config.cond else None,
-                                          shape=(len(labels[i:i + args.batch_size]), 1, config.image_size, config.image_size), guidance_scale=w,
-                                          sampler=sampler, steps=steps, generator=generator)
-                                 for i in range(0, n, args.batch_size)])
-            seconds = (time.time() - started) / n
-            predicted, features = classify(classifier, samples.clamp(-1, 1))
-            distance = frechet_distance(features, test_features)
-            if config.cond:
-                per_digit = torch.stack([(predicted[labels == d] == d).float().mean() for d in range(NUM_CLASSES)])
-                worst = per_digit.argmin().item()
-                print(f"{sampler:>10} {steps:>5} {w:>5g} {per_digit.mean().item():>9.1%} {f'{worst}: {per_digit[worst].item():.0%}':>12} "
-                      f"{distance:>9.2f} {seconds:>8.3f}", flush=True)
-            else:
-                shares = torch.bincount(predicted.cpu(), minlength=NUM_CLASSES).float() / n
-                print(f"{sampler:>10} {steps:>5} {distance:>9.2f} {seconds:>8.3f}  " + " ".join(f"{s:.0%}" for s in shares.tolist()), flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# 8. Command line
-#    train / sample / evaluate; bad input gets one clear line and a non-zero exit, never a traceback.
-# ---------------------------------------------------------------------------------------------
-
-def pick_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CliError("--device cuda was asked for, but PyTorch sees no CUDA GPU here; use --device cpu or auto")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise CliError("--device mps was asked for, but this PyTorch build or machine has no MPS; use --device cpu or auto")
-    return name
-
-
-def check_sampler(sampler, steps, config):
-    """Which sampler fits which checkpoint, and how many steps it may take."""
-    flow = config.objective == "flow"
-    if flow and sampler != "euler":
-        raise CliError(f"this checkpoint was trained with --objective flow; it samples with --sampler euler, not {sampler}")
-    if not flow and sampler == "euler":
-        raise CliError("--sampler euler needs a checkpoint trained with --objective flow; use ddim or ddpm")
-    if sampler not in ("ddim", "ddpm", "euler"):
-        raise CliError(f"unknown sampler {sampler!r}; choose ddim, ddpm or euler")
-    if steps < 1 or (not flow and steps > config.num_timesteps):
-        raise CliError(f"--steps must be between 1 and T = {config.num_timesteps}, got {steps}")
-    if sampler == "ddpm" and steps != config.num_timesteps:
-        raise CliError(f"the DDPM sampler takes all T = {config.num_timesteps} steps; use --sampler ddim for fewer")
-
-
-def sample(args):
-    device = pick_device(args.device)
-    model, scheduler, config, _ = load_model(args.ckpt, device)
-    if args.label is not None and not config.cond:
-        raise CliError(f"{args.ckpt} is an unconditional model; drop --label (or train one with `train --cond`)")
-    if args.negative_label is not None and (not config.cond or args.label is None):
-        raise CliError("--negative-label needs a conditional checkpoint and a --label")
-    sampler = args.sampler or default_sampler(config)
-    steps = args.steps or (config.num_timesteps if sampler == "ddpm" else config.sample_steps)
-    check_sampler(sampler, steps, config)
-    if not config.cond:
-        labels, nrow = None, math.ceil(math.sqrt(args.n))
-    elif args.label is None:  # a conditional model with no --label: one row per digit
-        labels, nrow = torch.arange(NUM_CLASSES, device=device).repeat_interleave(args.n), args.n
+def judge_samples(classifier, samples, labels, test_features):
+    """One row of the evaluation table: accuracy and worst digit (conditional) or the share of
+    confident samples and each digit's share (unconditional), and the Fréchet distance."""
+    probabilities, features = classify(classifier, samples.clamp(-1, 1))
+    predicted = probabilities.argmax(dim=1)
+    row = {"distance": frechet_distance(features, test_features)}
+    if labels is not None:
+        per_digit = torch.stack([(predicted[labels == d] == d).float().mean()
+                                 for d in range(NUM_CLASSES)])
+        worst = per_digit.argmin().item()
+        row.update(accuracy=per_digit.mean().item(), worst=f"{worst}: {per_digit[worst]:.0%}")
     else:
-        labels, nrow = torch.full((args.n,), args.label, device=device), math.ceil(math.sqrt(args.n))
-    count = args.n if labels is None else len(labels)
-    negative = None if args.negative_label is None else torch.full_like(labels, args.negative_label)
-    init = None
-    if args.init_image:
-        init = load_init_image(args.init_image, config.image_size).to(device).expand(count, -1, -1, -1)
-    scales = args.guidance_scale or [config.guidance_scale]
-    if len(scales) > 1 and args.label is None:
-        raise CliError("several --guidance-scale values draw one row per scale; give a --label too")
-    rows, frames = [], []
-    for w in scales:  # the same seed for every scale: each column starts from the same noise
-        row_frames = [] if args.gif else None
-        rows.append(generate(model, scheduler, config, labels, shape=(count, 1, config.image_size, config.image_size),
-                             guidance_scale=w, sampler=sampler, steps=steps, negative_labels=negative, init_images=init,
-                             strength=args.strength if init is not None else 1.0,
-                             generator=torch.Generator().manual_seed(args.seed), frames=row_frames))
-        frames.append(row_frames)
-    nrow = nrow if len(scales) == 1 else args.n
-    save_grid(torch.cat(rows), args.output, nrow=nrow)
-    print(f"wrote {args.output} ({count * len(scales)} images, {sampler} with {steps} steps)")
-    if args.gif:
-        save_animation([torch.cat(step) for step in zip(*frames)], args.gif, nrow)
-        print(f"wrote {args.gif}")
+        row["confident"] = (probabilities.max(dim=1).values >= 0.9).float().mean().item()
+        row["shares"] = (torch.bincount(predicted.cpu(), minlength=NUM_CLASSES) / len(samples))
+    return row
 
+
+def print_row(sampler, steps, guidance_scale, row, seconds):
+    if "accuracy" in row:
+        print(f"{sampler:>10} {steps:>5} {guidance_scale:>5g} {row['accuracy']:>9.1%} "
+              f"{row['worst']:>12} {row['distance']:>9.2f} {seconds:>8.3f}", flush=True)
+    else:
+        shares = " ".join(f"{share:.0%}" for share in row["shares"].tolist())
+        print(f"{sampler:>10} {steps:>5} {row['distance']:>9.2f} {row['confident']:>10.1%} "
+              f"{seconds:>8.3f}  {shares}", flush=True)
+
+
+def print_header(cond):
+    if cond:
+        print(f"{'sampler':>10} {'steps':>5} {'w':>5} {'accuracy':>9} {'worst digit':>12} "
+              f"{'distance':>9} {'s/image':>8}")
+    else:
+        print(f"{'sampler':>10} {'steps':>5} {'distance':>9} {'confident':>10} {'s/image':>8}  "
+              f"share of each predicted digit 0-9")
+
+
+def evaluate(model, scheduler, config, classifier, data_dir, *, settings, guidance_scales,
+             per_label, batch_size, seed):
+    """For each (sampler, steps) and each w: draw per_label samples of every digit, judge them."""
+    device = next(model.parameters()).device
+    test_features = classify(classifier, load_mnist(data_dir, train=False, device=device)[0])[1]
+    train_images = load_mnist(data_dir, train=True, device=device)[0]
+    count = per_label * NUM_CLASSES
+    pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))
+    floor = frechet_distance(classify(classifier, train_images[pick[:count]])[1], test_features)
+    print(f"Fréchet distance of {count} real training images to the test set "
+          f"(the floor): {floor:.2f}")
+    labels = None
+    if config.cond:  # per_label of each digit, in order
+        labels = torch.arange(NUM_CLASSES, device=device).repeat_interleave(per_label)
+    print_header(config.cond)
+    for sampler, steps in settings:
+        for guidance_scale in guidance_scales if config.cond else [0.0]:
+            started = time.time()
+            samples = draw_in_batches(model, scheduler, config, labels, count, batch_size,
+                                      guidance_scale=guidance_scale, sampler=sampler,
+                                      steps=steps, generator=torch.Generator().manual_seed(seed))
+            seconds = (time.time() - started) / count
+            row = judge_samples(classifier, samples, labels, test_features)
+            print_row(sampler, steps, guidance_scale, row, seconds)
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. Command line
+#     train / sample / evaluate. Every flag is listed explicitly; every input is checked before
+#     any work starts; a mistake gets one line on stderr and a non-zero exit, never a traceback.
+# ---------------------------------------------------------------------------------------------
 
 def digit(text):
-    value = int(text) if text.lstrip("-").isdigit() else None
-    if value is None or not 0 <= value < NUM_CLASSES:
+    if not text.lstrip("-").isdigit() or not 0 <= int(text) < NUM_CLASSES:
         raise argparse.ArgumentTypeError(f"must be a digit 0-9, got {text!r}")
-    return value
+    return int(text)
 
 
 def positive_int(text):
@@ -861,21 +1108,38 @@ def positive_int(text):
     return int(text)
 
 
-def guidance_scales(text):
-    try:
-        return [float(value) for value in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number or comma-separated numbers, got {text!r}") from None
+def nonnegative_int(text):
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number ≥ 0, got {text!r}")
+    return int(text)
 
 
-def strength_value(text):
+def number_in(low, high, low_open=False, high_open=False):
+    """An argparse type: a finite float in the interval [low, high] (either end open)."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        inside = math.isfinite(value) and (low < value if low_open else low <= value)
+        inside = inside and (value < high if high_open else value <= high)
+        if not inside:
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be a number in {interval}, got {text!r}")
+        return value
+    return parse
+
+
+def finite_numbers(text):
+    """Comma-separated finite floats: guidance scales."""
     try:
-        value = float(text)
+        values = [float(value) for value in text.split(",")]
     except ValueError:
-        value = -1.0
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
-    return value
+        values = [math.nan]
+    if not all(math.isfinite(value) for value in values):
+        raise argparse.ArgumentTypeError(f"must be a finite number or comma-separated finite "
+                                         f"numbers, got {text!r}")
+    return values
 
 
 class Parser(argparse.ArgumentParser):
@@ -885,73 +1149,315 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def add_common_flags(parser):
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="where to run (default: auto)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--data-dir", default="data",
+                        help="folder with MNIST/raw; downloaded there if missing (default: data)")
+
+
+def add_train_flags(parser, defaults=Config()):
+    add = parser.add_argument
+    add("--cond", action="store_true",
+        help="conditional model: cross-attention to the label, label dropout for CFG")
+    add("--objective", choices=["eps", "flow"], default=defaults.objective,
+        help="eps: DDPM noise prediction; flow: rectified-flow velocity (default: eps)")
+    add("--prediction", choices=["eps", "v"], default=defaults.prediction,
+        help="what the network outputs for eps: ε or v = √ᾱ·ε − √(1−ᾱ)·x0 (default: v)")
+    add("--epochs", type=positive_int, default=defaults.epochs, help="passes over the data")
+    add("--max-steps", type=positive_int, default=None, help="stop after this many steps")
+    add("--batch-size", type=positive_int, default=defaults.batch_size, help="images per step")
+    add("--lr", type=number_in(0, 1, low_open=True), default=defaults.lr,
+        help="peak learning rate, in (0, 1]")
+    add("--label-drop", type=number_in(0, 1, high_open=True), default=defaults.label_drop,
+        help="probability of replacing a label with ∅, in [0, 1)")
+    add("--warmup-steps", type=nonnegative_int, default=defaults.warmup_steps)
+    add("--min-snr-gamma", type=number_in(0, 1e6), default=defaults.min_snr_gamma,
+        help="γ of the min-SNR loss weight; 0 switches it off")
+    add("--patch-size", type=positive_int, default=defaults.patch_size, help="must divide 28")
+    add("--width", type=positive_int, default=defaults.width,
+        help="token width D; divisible by 4 and by the head count")
+    add("--depth", type=positive_int, default=defaults.depth, help="transformer blocks")
+    add("--heads", type=positive_int, default=defaults.heads, help="attention heads")
+    add("--conv-channels", type=nonnegative_int, default=defaults.conv_channels,
+        help="channels of the conv stem and head; 0: plain linear patches")
+    add("--out-dir", default="runs", help="where the checkpoint and sample grids go")
+    add("--resume", action="store_true", help="continue the run in <out-dir>/ckpt.pt")
+    add("--overwrite", action="store_true",
+        help="start a new run even though <out-dir>/ckpt.pt holds one")
+
+
+def add_sample_flags(parser, defaults=Config()):
+    add = parser.add_argument
+    add("--ckpt", default="runs/ckpt.pt", help="checkpoint from `train` (default: runs/ckpt.pt)")
+    add("--label", type=digit, default=None,
+        help="digit to draw; without it a conditional model draws one row per digit")
+    add("--negative-label", type=digit, default=None,
+        help="digit to steer away from (it fills the unconditional branch)")
+    add("--n", type=positive_int, default=16,
+        help="number of images (per digit without --label) (default: 16)")
+    add("--guidance-scale", type=finite_numbers, default=None,
+        help=f"w in ε_∅ + w·(ε_c − ε_∅); several, comma-separated, draw a row each "
+             f"(default: the checkpoint's, {defaults.guidance_scale:g})")
+    add("--sampler", choices=["ddim", "ddpm", "euler"], default=None,
+        help="ddim (few steps), ddpm (all T steps), euler (flow) (default: the checkpoint's)")
+    add("--steps", type=positive_int, default=None,
+        help=f"ddim / euler steps (default: {defaults.sample_steps})")
+    add("--init-image", default=None, help="image-to-image: start from this picture")
+    add("--strength", type=number_in(0, 1, low_open=True), default=0.6,
+        help="image-to-image: how far to noise the picture, in (0, 1] (default: 0.6)")
+    add("--output", default="samples.png", help="picture to write (default: samples.png)")
+    add("--gif", default=None, help="also write the denoising as an animated GIF here")
+
+
+def add_evaluate_flags(parser):
+    add = parser.add_argument
+    add("--ckpt", default="runs/ckpt.pt", help="checkpoint to evaluate (default: runs/ckpt.pt)")
+    add("--guidance-scales", type=finite_numbers, default=[0.0, 1.0, 2.0, 3.0, 5.0],
+        help="comma-separated w values (default: 0,1,2,3,5)")
+    add("--samplers", default=None,
+        help="comma-separated sampler:steps, e.g. ddim:20,ddpm (default: the checkpoint's)")
+    add("--per-label", type=positive_int, default=100, help="samples of each digit (default: 100)")
+    add("--batch-size", type=positive_int, default=500, help="images drawn at once (default: 500)")
+
+
 def build_parser():
-    defaults = Config()
-    parser = Parser(description="Diffusion on MNIST in one file: a DDPM/DDIM scheduler, a DiT with "
-                                     "cross-attention, classifier-free guidance.")
+    parser = Parser(description="Diffusion on MNIST in one file: a DDPM/DDIM scheduler, a DiT "
+                                "with cross-attention, classifier-free guidance.")
     commands = parser.add_subparsers(dest="command", required=True)
     common = Parser(add_help=False)
-    common.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run (default: auto)")
-    common.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    common.add_argument("--data-dir", default="data", help="folder holding MNIST/raw; downloaded there when missing (default: data)")
-
-    train_parser = commands.add_parser("train", parents=[common], help="train a model on MNIST",
-                                       description="Train a DiT on MNIST; writes <out-dir>/ckpt.pt and a sample grid after each epoch.")
-    train_parser.add_argument("--cond", action="store_true", help="conditional model: cross-attention to the label, label dropout for CFG")
-    train_parser.add_argument("--objective", choices=["eps", "flow"], default=defaults.objective,
-                              help="eps: DDPM noise prediction; flow: rectified-flow velocity prediction (default: eps)")
-    train_parser.add_argument("--prediction", choices=["eps", "v"], default=defaults.prediction,
-                              help="what the network outputs for the DDPM objective: ε or v = √ᾱ·ε − √(1−ᾱ)·x0 (default: v)")
-    train_parser.add_argument("--epochs", type=positive_int, default=defaults.epochs, help=f"passes over the data (default: {defaults.epochs})")
-    train_parser.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps (overrides --epochs)")
-    train_parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help=f"images per step (default: {defaults.batch_size})")
-    train_parser.add_argument("--lr", type=float, default=defaults.lr, help=f"peak learning rate (default: {defaults.lr})")
-    train_parser.add_argument("--label-drop", type=float, default=defaults.label_drop, help=f"probability of replacing a label with ∅ (default: {defaults.label_drop})")
-    train_parser.add_argument("--out-dir", default="runs", help="where the checkpoint and sample grids go (default: runs)")
-    train_parser.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
-    for field in ("patch_size", "width", "depth", "conv_channels", "min_snr_gamma", "warmup_steps"):  # model and schedule knobs, for experiments
-        kind = next(f.type for f in fields(Config) if f.name == field)
-        train_parser.add_argument("--" + field.replace("_", "-"), type=float if kind in (float, "float") else int,
-                                  default=getattr(defaults, field), help=f"(default: {getattr(defaults, field)})")
-
-    sample_parser = commands.add_parser("sample", parents=[common], help="draw images from a checkpoint",
-                                        description="Draw a grid of images; CFG with --guidance-scale, img2img with --init-image.")
-    sample_parser.add_argument("--ckpt", default="runs/ckpt.pt", help="checkpoint from `train` (default: runs/ckpt.pt)")
-    sample_parser.add_argument("--label", type=digit, default=None, help="digit to draw; without it a conditional model draws one row per digit")
-    sample_parser.add_argument("--negative-label", type=digit, default=None, help="digit to steer away from (fills the unconditional branch)")
-    sample_parser.add_argument("--n", type=positive_int, default=16, help="number of images (per digit without --label) (default: 16)")
-    sample_parser.add_argument("--guidance-scale", type=guidance_scales, default=None,
-                               help=f"w in ε_∅ + w·(ε_c − ε_∅); several, comma-separated, draw one row each (default: {defaults.guidance_scale})")
-    sample_parser.add_argument("--sampler", choices=["ddim", "ddpm", "euler"], default=None, help="ddim (few steps), ddpm (all T steps), euler (flow models) (default: the checkpoint's)")
-    sample_parser.add_argument("--steps", type=positive_int, default=None, help=f"ddim/euler steps (default: {defaults.sample_steps})")
-    sample_parser.add_argument("--init-image", default=None, help="image-to-image: start from this picture (resized to 28×28, grey)")
-    sample_parser.add_argument("--strength", type=strength_value, default=0.6, help="img2img: how far to noise the init image, (0, 1] (default: 0.6)")
-    sample_parser.add_argument("--output", default="samples.png", help="PNG grid to write (default: samples.png)")
-    sample_parser.add_argument("--gif", default=None, help="also write the denoising as an animated GIF here")
-
-    eval_parser = commands.add_parser("evaluate", parents=[common], help="measure sample quality with a classifier",
-                                      description="Label accuracy and Fréchet distance of samples, judged by a small CNN trained on MNIST.")
-    eval_parser.add_argument("--ckpt", default="runs/ckpt.pt", help="checkpoint to evaluate (default: runs/ckpt.pt)")
-    eval_parser.add_argument("--guidance-scales", type=guidance_scales, default="0,1,2,3,5", help="comma-separated w values (default: 0,1,2,3,5)")
-    eval_parser.add_argument("--samplers", default=None, help="comma-separated sampler:steps, e.g. ddim:20,ddpm (default: the checkpoint's)")
-    eval_parser.add_argument("--per-label", type=positive_int, default=100, help="samples of each digit (default: 100)")
-    eval_parser.add_argument("--batch-size", type=positive_int, default=500, help="images drawn at once (default: 500)")
+    add_common_flags(common)
+    add_train_flags(commands.add_parser(
+        "train", parents=[common], help="train a model on MNIST",
+        description="Train a DiT on MNIST; writes <out-dir>/ckpt.pt and a grid each epoch."))
+    add_sample_flags(commands.add_parser(
+        "sample", parents=[common], help="draw images from a checkpoint",
+        description="Draw a grid; CFG with --guidance-scale, img2img with --init-image."))
+    add_evaluate_flags(commands.add_parser(
+        "evaluate", parents=[common], help="measure sample quality with a classifier",
+        description="Label accuracy and Fréchet distance of samples, judged by a small CNN."))
     return parser
+
+
+# Checks that run before any work -------------------------------------------------------------
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU here; "
+                        "use --device cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for, but this machine or PyTorch build has no "
+                        "MPS; use --device cpu or auto")
+    return name
+
+
+def check_model_shape(config):
+    """The DiT's shape rules, said in the user's terms."""
+    if config.image_size % config.patch_size:
+        raise UserError(f"--patch-size {config.patch_size} does not divide the "
+                        f"{config.image_size}-pixel image; use 1, 2, 4, 7, 14 or 28")
+    if config.width % 4:
+        raise UserError(f"--width {config.width} must be divisible by 4 (the 2-D position "
+                        f"embedding gives a quarter of the channels to each sine and cosine)")
+    if config.width % config.heads:
+        raise UserError(f"--width {config.width} must be divisible by --heads {config.heads}")
+
+
+def check_writable_folder(folder, flag):
+    """Create the folder if needed and prove a file can be written there."""
+    try:
+        os.makedirs(folder or ".", exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder or "."):
+            pass
+    except OSError as error:
+        raise UserError(f"{flag}: cannot write into {folder} ({error.strerror or error})") from None
+
+
+def check_picture_path(path, flag, extensions):
+    if os.path.splitext(path)[1].lower() not in extensions:
+        raise UserError(f"{flag} {path}: the name must end in one of {', '.join(extensions)}")
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder; give a file name")
+    check_writable_folder(os.path.dirname(path), flag)
+
+
+def image_extensions():
+    from PIL import Image
+    Image.init()
+    return sorted(ext for ext, fmt in Image.registered_extensions().items()
+                  if fmt in Image.SAVE)
+
+
+def check_sampler(sampler, steps, config):
+    """Which sampler fits which checkpoint, and how many steps it may take."""
+    flow = config.objective == "flow"
+    if sampler not in ("ddim", "ddpm", "euler"):
+        raise UserError(f"unknown sampler {sampler!r}; choose ddim, ddpm or euler")
+    if flow and sampler != "euler":
+        raise UserError(f"this checkpoint was trained with --objective flow; it samples with "
+                        f"--sampler euler, not {sampler}")
+    if not flow and sampler == "euler":
+        raise UserError("--sampler euler needs a checkpoint trained with --objective flow; "
+                        "use ddim or ddpm")
+    if steps < 1 or (not flow and steps > config.num_timesteps):
+        raise UserError(f"--steps must be between 1 and T = {config.num_timesteps}, got {steps}")
+    if sampler == "ddpm" and steps != config.num_timesteps:
+        raise UserError(f"the DDPM sampler takes all T = {config.num_timesteps} steps; use "
+                        f"--sampler ddim for fewer")
+
+
+# The three commands -------------------------------------------------------------------------
+
+def config_from_flags(args):
+    return replace(Config(), cond=args.cond, objective=args.objective,
+                   prediction=args.prediction, epochs=args.epochs, batch_size=args.batch_size,
+                   lr=args.lr, label_drop=args.label_drop, warmup_steps=args.warmup_steps,
+                   min_snr_gamma=args.min_snr_gamma, patch_size=args.patch_size,
+                   width=args.width, depth=args.depth, heads=args.heads,
+                   conv_channels=args.conv_channels)
+
+
+def prepare_training(args, device, ckpt_path):
+    """The config (the saved run's when resuming), the checkpoint to resume, and the seed."""
+    if args.resume:
+        checkpoint, config = load_checkpoint(ckpt_path, device)
+        if "generator" not in checkpoint:
+            print(f"{ckpt_path} predates exact resume: its random state starts afresh", flush=True)
+            checkpoint["generator"] = torch.Generator().manual_seed(args.seed).get_state()
+        return config, checkpoint, checkpoint.get("seed", args.seed)
+    if os.path.exists(ckpt_path) and not args.overwrite:
+        raise UserError(f"{ckpt_path} already holds a run; continue it with --resume, start "
+                        f"over with --overwrite, or choose another --out-dir")
+    return config_from_flags(args), None, args.seed
+
+
+def command_train(args):
+    device = pick_device(args.device)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    config, checkpoint, seed = prepare_training(args, device, ckpt_path)
+    check_model_shape(config)
+    images, labels = load_mnist(args.data_dir, train=True, device=device)
+    if config.batch_size > len(images):
+        raise UserError(f"--batch-size {config.batch_size} is larger than the "
+                        f"{len(images)} training images")
+    check_writable_folder(args.out_dir, "--out-dir")
+    total_steps = args.max_steps or config.epochs * (len(images) // config.batch_size)
+    kind = "conditional" if config.cond else "unconditional"
+    print(f"{kind} DiT, {count_parameters(DiT(config)) / 1e6:.2f} M parameters, objective "
+          f"{config.objective}, {len(images)} images, {total_steps} steps of {config.batch_size} "
+          f"on {device}", flush=True)
+    started = time.time()
+    run = train(config, images, labels, out_dir=args.out_dir, total_steps=total_steps,
+                seed=seed, checkpoint=checkpoint)
+    if run.step < total_steps:
+        print(f"\ninterrupted at step {run.step}; saved {ckpt_path} (continue with --resume)")
+        raise SystemExit(130)
+    hint = " --label 4" if config.cond else ""
+    print(f"done in {format_seconds(time.time() - started)}; sample with "
+          f"`python vanilla_diffusion.py sample --ckpt {ckpt_path}{hint}`", flush=True)
+
+
+def sample_labels(args, config, device):
+    """The labels to draw and the grid's row length."""
+    if not config.cond:
+        return None, math.ceil(math.sqrt(args.n))
+    if args.label is None:  # a conditional model with no --label: one row per digit
+        return torch.arange(NUM_CLASSES, device=device).repeat_interleave(args.n), args.n
+    return torch.full((args.n,), args.label, device=device), math.ceil(math.sqrt(args.n))
+
+
+def check_sample_flags(args, config, sampler, steps):
+    if args.label is not None and not config.cond:
+        raise UserError(f"{args.ckpt} is an unconditional model; drop --label "
+                        f"(or train one with `train --cond`)")
+    if args.negative_label is not None and (not config.cond or args.label is None):
+        raise UserError("--negative-label needs a conditional checkpoint and a --label")
+    if args.guidance_scale and len(args.guidance_scale) > 1 and args.label is None:
+        raise UserError("several --guidance-scale values draw one row per scale; "
+                        "give a --label too")
+    check_sampler(sampler, steps, config)
+    check_picture_path(args.output, "--output", image_extensions())
+    if args.gif:
+        check_picture_path(args.gif, "--gif", [".gif"])
+
+
+def command_sample(args):
+    device = pick_device(args.device)
+    model, scheduler, config, _ = load_model(args.ckpt, device)
+    sampler = args.sampler or default_sampler(config)
+    steps = args.steps or default_steps(sampler, config)
+    check_sample_flags(args, config, sampler, steps)
+    labels, nrow = sample_labels(args, config, device)
+    count = args.n if labels is None else len(labels)
+    negative = None if args.negative_label is None else torch.full_like(labels, args.negative_label)
+    init, strength = None, 1.0  # strength 1: start from pure noise
+    if args.init_image:
+        init = load_init_image(args.init_image, config.image_size).to(device)
+        init, strength = init.expand(count, -1, -1, -1), args.strength
+    scales = args.guidance_scale or [config.guidance_scale]
+    rows, frames = [], []
+    for guidance_scale in scales:  # one seed for every scale: each column starts from one noise
+        frames.append([] if args.gif else None)
+        rows.append(generate(model, scheduler, config, labels, shape=(count, 1, 28, 28),
+                             guidance_scale=guidance_scale, sampler=sampler, steps=steps,
+                             negative_labels=negative, init_images=init, strength=strength,
+                             generator=torch.Generator().manual_seed(args.seed),
+                             frames=frames[-1]))
+    nrow = nrow if len(scales) == 1 else args.n
+    save_grid(torch.cat(rows), args.output, nrow=nrow)
+    print(f"wrote {args.output} ({count * len(scales)} images, {sampler} with {steps} steps)")
+    if args.gif:
+        save_animation([torch.cat(step) for step in zip(*frames)], args.gif, nrow)
+        print(f"wrote {args.gif}")
+
+
+def parse_sampler_settings(text, config):
+    """"ddim:20,ddpm" → [("ddim", 20), ("ddpm", T)], each checked against the checkpoint."""
+    settings = []
+    for item in filter(None, text.split(",")):
+        name, _, steps = item.partition(":")
+        if steps and not steps.isdigit():
+            raise UserError(f"--samplers takes sampler:steps items such as ddim:20,ddpm; "
+                            f"got {item!r}")
+        steps = int(steps) if steps else default_steps(name, config)
+        check_sampler(name, steps, config)
+        settings.append((name, steps))
+    return settings
+
+
+def command_evaluate(args):
+    device = pick_device(args.device)
+    model, scheduler, config, state = load_model(args.ckpt, device)
+    default = f"{default_sampler(config)}:{config.sample_steps}"
+    settings = parse_sampler_settings(args.samplers or default, config)
+    folder = os.path.dirname(os.path.abspath(args.ckpt))
+    classifier = get_classifier(os.path.join(folder, "mnist_classifier.pt"), args.data_dir, device)
+    print(f"checkpoint {args.ckpt}: step {state['step']}, objective {config.objective}; "
+          f"{args.per_label * NUM_CLASSES} samples per setting")
+    evaluate(model, scheduler, config, classifier, args.data_dir, settings=settings,
+             guidance_scales=args.guidance_scales, per_label=args.per_label,
+             batch_size=args.batch_size, seed=args.seed)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    commands = {"train": command_train, "sample": command_sample, "evaluate": command_evaluate}
     try:
-        if args.command == "train":
-            knobs = {f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)}
-            train(Config(**knobs), args)
-        elif args.command == "sample":
-            sample(args)
-        else:
-            evaluate(args)
-    except CliError as error:
+        commands[args.command](args)
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1)
+    except (torch.OutOfMemoryError, MemoryError):
+        print("error: out of memory; try a smaller --batch-size (or --n)", file=sys.stderr)
+        raise SystemExit(1)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":
