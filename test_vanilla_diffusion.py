@@ -297,12 +297,13 @@ def assert_lands_on_x_star(out):
     close(out, X_STAR.expand_as(out), 1e-4)
 
 
-@given(steps=st.integers(1, 60), prediction=st.sampled_from(["eps", "v"]), clip=st.booleans(),
-       cond=st.booleans(), seed=st.integers(0, 2**16))
-def test_ddim_with_the_exact_denoiser_lands_on_the_data_point(scheduler, steps, prediction,
-                                                              clip, cond, seed):
-    assert_lands_on_x_star(sample_exact(scheduler, prediction=prediction, steps=steps, clip=clip,
-                                        cond=cond, seed=seed))
+@given(sampler=st.sampled_from(["ddim", "dpm"]), steps=st.integers(1, 60),
+       prediction=st.sampled_from(["eps", "v"]), clip=st.booleans(), cond=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_ddim_and_dpm_solver_with_the_exact_denoiser_land_on_the_data_point(
+        scheduler, sampler, steps, prediction, clip, cond, seed):
+    assert_lands_on_x_star(sample_exact(scheduler, prediction=prediction, sampler=sampler,
+                                        steps=steps, clip=clip, cond=cond, seed=seed))
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
@@ -315,7 +316,7 @@ def test_ddpm_over_all_t_with_the_exact_denoiser_lands_on_the_data_point(schedul
                                         steps=T, clip=clip, cond=True, seed=3))
 
 
-@given(strength=st.floats(0.001, 1.0), sampler=st.sampled_from(["ddim", "ddpm"]),
+@given(strength=st.floats(0.001, 1.0), sampler=st.sampled_from(["ddim", "dpm", "ddpm"]),
        steps=st.integers(1, 30), prediction=st.sampled_from(["eps", "v"]), clip=st.booleans())
 def test_img2img_with_the_exact_denoiser_lands_on_the_data_point_at_any_strength(
         scheduler, strength, sampler, steps, prediction, clip):
@@ -337,6 +338,88 @@ def test_euler_with_the_exact_velocity_reaches_the_data_point(batch, steps):
 def test_euler_img2img_with_the_exact_velocity_lands_on_the_data_point(strength, steps):
     out = sample_exact_flow(steps, init=torch.zeros(2, 1, 4, 4), strength=strength)
     close(out, X_STAR.expand_as(out), 1e-5)
+
+
+MU, S = 0.2, 0.3  # Gaussian data x0 ~ N(μ, s²·I)
+
+
+class GaussianDenoiser(torch.nn.Module):
+    """The exact ε-network for Gaussian data: x0_θ = μ + α·s²/(α²s² + σ²)·(x_t − α·μ), with
+    α = √ᾱ_t, σ = √(1−ᾱ_t). Its probability-flow ODE keeps z = (x_t − α·μ)/√(α²s² + σ²) fixed,
+    so the exact endpoint from x_T is μ + s·z: a known answer for the solvers' order."""
+
+    def __init__(self, scheduler):
+        super().__init__()
+        self.scheduler = scheduler
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t, labels=None):
+        index = t.round().long()
+        alpha = self.scheduler.sqrt_alpha_bar[index].double().reshape(-1, 1, 1, 1)
+        sigma = self.scheduler.sqrt_one_minus_alpha_bar[index].double().reshape(-1, 1, 1, 1)
+        x0 = MU + alpha * S**2 / (alpha**2 * S**2 + sigma**2) * (x.double() - alpha * MU)
+        return ((x.double() - alpha * x0) / sigma).float()
+
+
+def gaussian_ode_error(scheduler, sampler, steps):
+    shape = (64, 1, 4, 4)
+    config = vd.Config(image_size=4, prediction="eps", clip_x0=False)
+    out = vd.generate(GaussianDenoiser(scheduler), scheduler, config, None, shape=shape,
+                      guidance_scale=1.0, sampler=sampler, steps=steps,
+                      generator=torch.Generator().manual_seed(0))
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0)).double()
+    alpha, sigma = scheduler.sqrt_alpha_bar[T - 1], scheduler.sqrt_one_minus_alpha_bar[T - 1]
+    z = (x_T - alpha * MU) / (alpha**2 * S**2 + sigma**2).sqrt()
+    return (out - (MU + S * z)).abs().max().item()
+
+
+def test_dpm_solver_is_second_order_and_beats_ddim_at_equal_steps(scheduler):
+    dpm = {steps: gaussian_ode_error(scheduler, "dpm", steps) for steps in (10, 20, 40)}
+    ddim = {steps: gaussian_ode_error(scheduler, "ddim", steps) for steps in (10, 20)}
+    assert ddim[20] < 0.6 * ddim[10]           # DDIM: first order, the error about halves
+    assert dpm[40] < dpm[20] / 3               # 2M: second order, the error about quarters
+    assert dpm[10] < ddim[20] / 4              # DPM-Solver++ 10 beats DDIM 20 by far
+
+
+@given(t=st.integers(1, T - 1), t_next_fraction=st.floats(0, 0.99), seed=st.integers(0, 2**16))
+def test_dpm_solver_first_order_step_is_the_ddim_step(scheduler, t, t_next_fraction, seed):
+    _, _, x_t = noised_sample(scheduler, t, seed)
+    pred_noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(seed + 1))
+    t_next = math.floor(t_next_fraction * t)
+    x0 = scheduler.predict_x0(x_t, t, pred_noise)
+    dpm, _ = scheduler.dpm_solver_step(x_t, t, t_next, x0)
+    close(dpm, scheduler.ddim_step(x_t, t, t_next, pred_noise), 1e-3, 1e-4)
+
+
+def test_log_snr_timesteps_are_even_in_half_log_snr(scheduler):
+    timesteps = vd.log_snr_timesteps(scheduler, T - 1, 10)
+    assert timesteps[0] == T - 1 and timesteps[-1] == 0 and len(timesteps) == 10
+    steps = scheduler.lambdas[timesteps].diff()
+    assert (steps > 0).all() and steps.max() < 1.3 * steps.min()
+
+
+def test_guidance_applies_inside_its_interval_only_endpoints_included():
+    model = randomized(vd.DiT(tiny_config()))
+    x, labels = torch.randn(2, 1, 28, 28), torch.tensor([3, 5])
+    denoise = vd.Denoiser(model, vd.NoiseScheduler(T), tiny_config(prediction="eps"), labels,
+                          guidance_scale=4.0, guidance_interval=(0.2, 0.6))
+    low, high = round(0.2 * (T - 1)), math.floor(0.6 * (T - 1))
+    assert [denoise.guidance_at(t) for t in (low - 1, low, high, high + 1)] == [1, 4, 4, 1]
+    t_batch = torch.full((2,), float(high + 1))
+    close(denoise(x, high + 1), model(x, t_batch, labels), 1e-6)  # outside: plain conditional
+    t_batch = torch.full((2,), float(high))
+    guided = vd.guided_prediction(model, x, t_batch, labels, 4.0)
+    close(denoise(x, high), guided, 1e-6)
+
+
+def test_autoguidance_extrapolates_from_the_guide_like_cfg():
+    config = tiny_config(cond=False)
+    model, guide = randomized(vd.DiT(config)), randomized(vd.DiT(config), seed=1)
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([10.0, 900.0])
+    strong, weak = model(x, t, None), guide(x, t, None)
+    for w in (0.0, 1.0, 2.5):
+        close(vd.guided_prediction(model, x, t, None, w, guide=guide), weak + w * (strong - weak),
+              1e-5)
 
 
 def test_generate_records_one_frame_per_step(scheduler):

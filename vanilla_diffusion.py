@@ -84,6 +84,8 @@ class Config:
     min_snr_gamma: float = 5.0      # min-SNR-γ loss weight (Hang et al. 2023); 0: off
     # sampling
     guidance_scale: float = 2.0     # w in ε = ε_∅ + w·(ε_c − ε_∅); 2 measured best (README)
+    guidance_low: float = 0.0       # guide only where t/(T−1) ∈ [low, high]; elsewhere w = 1
+    guidance_high: float = 1.0      #   (guidance in a limited interval, Kynkäänniemi et al. 2024)
     sampler: str = "ddim"           # "ddim" (few steps) or "ddpm" (all T); flow uses "euler"
     sample_steps: int = 20          # DDIM / Euler steps
     clip_x0: bool = True            # clamp the predicted x0 to [−1, 1] at each step
@@ -187,6 +189,7 @@ class NoiseScheduler(nn.Module):
             "sqrt_alpha_bar": alpha_bar.sqrt(),                     # √ᾱ_t
             "sqrt_one_minus_alpha_bar": (1 - alpha_bar).sqrt(),     # √(1−ᾱ_t)
             "snr": alpha_bar / (1 - alpha_bar),                     # SNR(t) = ᾱ_t / (1−ᾱ_t)
+            "lambdas": 0.5 * (alpha_bar / (1 - alpha_bar)).log(),   # λ_t = log(√ᾱ_t/√(1−ᾱ_t))
             # the posterior q(x_{t−1} | x_t, x0) = N(μ̃_t, β̃_t), eqs. 6–7 of Ho et al.:
             "posterior_mean_coef_x0": alpha_bar_prev.sqrt() * betas / (1 - alpha_bar),
             "posterior_mean_coef_xt": alphas.sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar),
@@ -270,6 +273,21 @@ class NoiseScheduler(nn.Module):
         direction = (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt() * pred_noise
         z = gaussian_like(x_t, generator) if eta > 0 else 0.0
         return alpha_bar_prev.sqrt() * x0 + direction + sigma * z
+
+    def dpm_solver_step(self, x_t, t, t_next, x0, prev_x0=None, h_prev=None):
+        """One DPM-Solver++(2M) step x_t → x_{t_next} (Lu et al. 2022, Algorithm 2) from the
+        data prediction x0. With the previous step's x0 it is second order; without it, first
+        order, and then exactly ddim_step with η = 0. Returns x_{t_next} and the step h."""
+        # 1. the step size in half-log-SNR: h = λ_{t_next} − λ_t, λ = log(√ᾱ/√(1−ᾱ))
+        h = self.lambdas[t_next] - self.lambdas[t]
+        # 2. second order: D = (1 + 1/(2r))·x0 − 1/(2r)·x0_prev, with r = h_prev / h
+        if prev_x0 is not None:
+            r = h_prev / h
+            x0 = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
+        # 3. the exponential integrator: x_next = (σ_next/σ_t)·x_t − α_next·(e^{−h} − 1)·D,
+        #    with α = √ᾱ and σ = √(1−ᾱ)
+        sigma_ratio = self.sqrt_one_minus_alpha_bar[t_next] / self.sqrt_one_minus_alpha_bar[t]
+        return sigma_ratio * x_t - self.sqrt_alpha_bar[t_next] * torch.expm1(-h) * x0, h
 
 
 # Rectified flow (Liu et al. 2022; the logit-normal s of Esser et al. 2024): a straight line
@@ -567,14 +585,19 @@ def ema_decay_at(step, config):
 #    (Meng et al. 2022, SDEdit). Each sampler is one loop that yields x after every step.
 # ---------------------------------------------------------------------------------------------
 
-def guided_prediction(model, x, t, labels, guidance_scale, negative_labels=None):
+def guided_prediction(model, x, t, labels, guidance_scale, negative_labels=None, guide=None):
     """ε = ε_∅ + w·(ε_c − ε_∅) on the whole output, from one batched pass of [cond; uncond].
 
     w = 0 is the unconditional model, w = 1 the conditional one, w > 1 pushes toward the label.
     With negative labels the "unconditional" branch is conditioned on them: pushed away.
+    An unconditional model with a guide (a weaker version of itself) gets autoguidance
+    (Karras et al. 2024), the same formula: ε = ε_guide + w·(ε − ε_guide).
     """
-    if labels is None:  # an unconditional model: nothing to guide
-        return model(x, t, None)
+    if labels is None and guide is not None:
+        pred_guide = guide(x, t, None)
+        return pred_guide + guidance_scale * (model(x, t, None) - pred_guide)
+    if labels is None or guidance_scale == 1:  # nothing to guide: one plain pass
+        return model(x, t, labels)
     if negative_labels is None:
         uncond_labels = torch.full_like(labels, NULL_LABEL)
     else:
@@ -591,15 +614,23 @@ class Denoiser:
     For a flow model the output is the velocity v_θ, and t = s·(T−1).
     """
 
-    def __init__(self, model, scheduler, config, labels, guidance_scale, negative_labels=None):
+    def __init__(self, model, scheduler, config, labels, guidance_scale, negative_labels=None,
+                 guidance_interval=(0.0, 1.0), guide=None):
         self.model, self.scheduler, self.config = model, scheduler, config
-        self.labels, self.negative_labels = labels, negative_labels
-        self.guidance_scale = guidance_scale
+        self.labels, self.negative_labels, self.guide = labels, negative_labels, guide
+        self.guidance_scale, self.guidance_interval = guidance_scale, guidance_interval
+
+    def guidance_at(self, t):
+        """Guidance in a limited interval (Kynkäänniemi et al. 2024): w where t/(T−1) lies in
+        [low, high], 1 (the plain conditional model, one pass) elsewhere."""
+        low, high = self.guidance_interval
+        inside = low <= t / (self.config.num_timesteps - 1) <= high
+        return self.guidance_scale if inside else 1.0
 
     def __call__(self, x, t):
         t_batch = torch.full((len(x),), float(t), device=x.device)     # [B]
-        output = guided_prediction(self.model, x, t_batch, self.labels, self.guidance_scale,
-                                   self.negative_labels)
+        output = guided_prediction(self.model, x, t_batch, self.labels, self.guidance_at(t),
+                                   self.negative_labels, self.guide)
         if self.config.objective == "eps" and self.config.prediction == "v":
             return self.scheduler.noise_from_velocity(x, t, output)     # ε_θ from v_θ
         return output
@@ -608,6 +639,16 @@ class Denoiser:
 def sampling_timesteps(start_t, steps):
     """`steps` integer timesteps from start_t down to 0, evenly spaced, no repeats."""
     return torch.linspace(start_t, 0, steps).round().long().unique_consecutive().tolist()
+
+
+def log_snr_timesteps(scheduler, start_t, steps):
+    """`steps` integer timesteps from start_t down to 0, evenly spaced in λ = ½·log SNR: even
+    steps for a solver that steps in λ (even t puts the last step from t ≈ 50 to 0 at h ≈ 3.6,
+    seven times the others, and a second-order step extrapolates wildly there)."""
+    lambdas = scheduler.lambdas.double().cpu()                          # increasing as t falls
+    targets = torch.linspace(lambdas[start_t].item(), lambdas[0].item(), steps)
+    t = torch.searchsorted(-lambdas, -targets.double()).clamp(0, start_t)
+    return t.unique_consecutive().tolist()
 
 
 def ddpm_sampler(denoise, scheduler, x, start_t, generator=None, clip_x0=True):
@@ -625,6 +666,22 @@ def ddim_sampler(denoise, scheduler, x, timesteps, clip_x0=True):
         pred_noise = denoise(x, t)                                      # ε_θ(x_t, t)
         x = scheduler.ddim_step(x, t, t_prev, pred_noise, clip_x0=clip_x0)
         yield x                                                         # x_{t_prev}
+
+
+def dpm_solver_sampler(denoise, scheduler, x, timesteps, clip_x0=True):
+    """DPM-Solver++(2M) (Lu et al. 2022): DDIM's step plus a second-order correction from the
+    previous step's x0, so 10 steps do the work of DDIM's 20. The last step lands on x0."""
+    prev_x0, h_prev = None, None
+    for t, t_next in zip(timesteps, timesteps[1:] + [-1]):
+        x0 = scheduler.predict_x0(x, t, denoise(x, t))                 # x0_θ(x_t, t)
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
+        if t_next < 0:
+            x = x0                                                      # σ = 0: the data itself
+        else:
+            x, h = scheduler.dpm_solver_step(x, t, t_next, x0, prev_x0, h_prev)
+            prev_x0, h_prev = x0, h
+        yield x                                                         # x_{t_next}
 
 
 def euler_sampler(denoise, x, s_grid, num_timesteps):
@@ -647,11 +704,15 @@ def noised_start(scheduler, config, init_images, strength, noise):
 
 @torch.no_grad()
 def generate(model, scheduler, config, labels, *, shape, guidance_scale, sampler, steps,
-             negative_labels=None, init_images=None, strength=1.0, generator=None, frames=None):
+             negative_labels=None, init_images=None, strength=1.0, generator=None, frames=None,
+             guidance_interval=None, guide=None):
     """Draw images from noise (or from a noised init image): [B, 1, 28, 28] in [−1, 1].
     frames, if a list, receives x after every step (for the animation)."""
     device = next(model.parameters()).device
-    denoise = Denoiser(model, scheduler, config, labels, guidance_scale, negative_labels)
+    if guidance_interval is None:
+        guidance_interval = (config.guidance_low, config.guidance_high)
+    denoise = Denoiser(model, scheduler, config, labels, guidance_scale, negative_labels,
+                       guidance_interval, guide)
     x = gaussian_like(torch.empty(shape, device=device), generator)     # x_T ~ N(0, I)
     if init_images is not None:
         x = noised_start(scheduler, config, init_images, strength, x)
@@ -661,6 +722,9 @@ def generate(model, scheduler, config, labels, *, shape, guidance_scale, sampler
     elif sampler == "ddim":
         timesteps = sampling_timesteps(start_t, steps)
         loop = ddim_sampler(denoise, scheduler, x, timesteps, config.clip_x0)
+    elif sampler == "dpm":
+        timesteps = log_snr_timesteps(scheduler, start_t, steps)
+        loop = dpm_solver_sampler(denoise, scheduler, x, timesteps, config.clip_x0)
     else:
         s_grid = torch.linspace(strength, 0, steps + 1).tolist()
         loop = euler_sampler(denoise, x, s_grid, config.num_timesteps)
@@ -1065,7 +1129,7 @@ def print_header(cond):
 
 
 def evaluate(model, scheduler, config, classifier, data_dir, *, settings, guidance_scales,
-             per_label, batch_size, seed):
+             per_label, batch_size, seed, guidance_interval=None):
     """For each (sampler, steps) and each w: draw per_label samples of every digit, judge them."""
     device = next(model.parameters()).device
     test_features = classify(classifier, load_mnist(data_dir, train=False, device=device)[0])[1]
@@ -1084,7 +1148,8 @@ def evaluate(model, scheduler, config, classifier, data_dir, *, settings, guidan
             started = time.time()
             samples = draw_in_batches(model, scheduler, config, labels, count, batch_size,
                                       guidance_scale=guidance_scale, sampler=sampler,
-                                      steps=steps, generator=torch.Generator().manual_seed(seed))
+                                      steps=steps, guidance_interval=guidance_interval,
+                                      generator=torch.Generator().manual_seed(seed))
             seconds = (time.time() - started) / count
             row = judge_samples(classifier, samples, labels, test_features)
             print_row(sampler, steps, guidance_scale, row, seconds)
@@ -1128,6 +1193,18 @@ def number_in(low, high, low_open=False, high_open=False):
             raise argparse.ArgumentTypeError(f"must be a number in {interval}, got {text!r}")
         return value
     return parse
+
+
+def interval(text):
+    """"LO,HI" with 0 ≤ LO ≤ HI ≤ 1: the part of t/(T−1) where guidance applies."""
+    try:
+        low, high = (float(value) for value in text.split(","))
+    except ValueError:
+        low, high = math.nan, math.nan
+    if not 0 <= low <= high <= 1:
+        raise argparse.ArgumentTypeError(f"must be two numbers LO,HI with 0 ≤ LO ≤ HI ≤ 1, "
+                                         f"got {text!r}")
+    return low, high
 
 
 def finite_numbers(text):
@@ -1200,8 +1277,11 @@ def add_sample_flags(parser, defaults=Config()):
     add("--guidance-scale", type=finite_numbers, default=None,
         help=f"w in ε_∅ + w·(ε_c − ε_∅); several, comma-separated, draw a row each "
              f"(default: the checkpoint's, {defaults.guidance_scale:g})")
-    add("--sampler", choices=["ddim", "ddpm", "euler"], default=None,
-        help="ddim (few steps), ddpm (all T steps), euler (flow) (default: the checkpoint's)")
+    add("--guidance-interval", type=interval, default=None,
+        help="LO,HI: guide only where t/(T−1) lies in [LO, HI] (default: the checkpoint's)")
+    add("--sampler", choices=["ddim", "dpm", "ddpm", "euler"], default=None,
+        help="ddim, dpm (DPM-Solver++(2M)), ddpm (all T steps), euler (flow models) "
+             "(default: the checkpoint's)")
     add("--steps", type=positive_int, default=None,
         help=f"ddim / euler steps (default: {defaults.sample_steps})")
     add("--init-image", default=None, help="image-to-image: start from this picture")
@@ -1216,6 +1296,8 @@ def add_evaluate_flags(parser):
     add("--ckpt", default="runs/ckpt.pt", help="checkpoint to evaluate (default: runs/ckpt.pt)")
     add("--guidance-scales", type=finite_numbers, default=[0.0, 1.0, 2.0, 3.0, 5.0],
         help="comma-separated w values (default: 0,1,2,3,5)")
+    add("--guidance-interval", type=interval, default=None,
+        help="LO,HI: guide only where t/(T−1) lies in [LO, HI] (default: the checkpoint's)")
     add("--samplers", default=None,
         help="comma-separated sampler:steps, e.g. ddim:20,ddpm (default: the checkpoint's)")
     add("--per-label", type=positive_int, default=100, help="samples of each digit (default: 100)")
@@ -1296,8 +1378,8 @@ def image_extensions():
 def check_sampler(sampler, steps, config):
     """Which sampler fits which checkpoint, and how many steps it may take."""
     flow = config.objective == "flow"
-    if sampler not in ("ddim", "ddpm", "euler"):
-        raise UserError(f"unknown sampler {sampler!r}; choose ddim, ddpm or euler")
+    if sampler not in ("ddim", "dpm", "ddpm", "euler"):
+        raise UserError(f"unknown sampler {sampler!r}; choose ddim, dpm, ddpm or euler")
     if flow and sampler != "euler":
         raise UserError(f"this checkpoint was trained with --objective flow; it samples with "
                         f"--sampler euler, not {sampler}")
@@ -1406,6 +1488,7 @@ def command_sample(args):
         rows.append(generate(model, scheduler, config, labels, shape=(count, 1, 28, 28),
                              guidance_scale=guidance_scale, sampler=sampler, steps=steps,
                              negative_labels=negative, init_images=init, strength=strength,
+                             guidance_interval=args.guidance_interval,
                              generator=torch.Generator().manual_seed(args.seed),
                              frames=frames[-1]))
     nrow = nrow if len(scales) == 1 else args.n
@@ -1437,11 +1520,13 @@ def command_evaluate(args):
     settings = parse_sampler_settings(args.samplers or default, config)
     folder = os.path.dirname(os.path.abspath(args.ckpt))
     classifier = get_classifier(os.path.join(folder, "mnist_classifier.pt"), args.data_dir, device)
+    guidance_interval = args.guidance_interval or (config.guidance_low, config.guidance_high)
     print(f"checkpoint {args.ckpt}: step {state['step']}, objective {config.objective}; "
-          f"{args.per_label * NUM_CLASSES} samples per setting")
+          f"{args.per_label * NUM_CLASSES} samples per setting; guidance where t/(T−1) ∈ "
+          f"[{guidance_interval[0]:g}, {guidance_interval[1]:g}]")
     evaluate(model, scheduler, config, classifier, args.data_dir, settings=settings,
              guidance_scales=args.guidance_scales, per_label=args.per_label,
-             batch_size=args.batch_size, seed=args.seed)
+             batch_size=args.batch_size, seed=args.seed, guidance_interval=guidance_interval)
 
 
 def main(argv=None):
