@@ -9,12 +9,13 @@ Contents, in the order the idea unfolds:
      1. Config             every default in one place
      2. Utilities          table lookups, seeded noise, pictures in and out, the user's mistakes
      3. Noise scheduler    forward (noise_image); reverse (sample_prev_image_distribution) and
-                           its fast sibling (ddim_step); rectified flow
+                           its fast siblings (ddim_step, dpm_solver_step); rectified flow
      4. Model              a patchify DiT: self-attention over image patches,
                            cross-attention to the label, the timestep through adaLN-Zero
      5. Data               MNIST as one tensor in [−1, 1]
      6. Training objective Algorithm 1 of Ho et al. 2020, label dropout, min-SNR weights, EMA
-     7. Sampling           classifier-free guidance, one loop per sampler, image-to-image
+     7. Sampling           guidance (classifier-free, in an interval; autoguidance), one loop
+                           per sampler (DDPM, DDIM, DPM-Solver++, Euler), image-to-image
      8. Checkpoints        durable saves; everything a run needs to continue exactly
      9. Training loop      the loop as stanzas, progress, Ctrl-C, a stop on divergence
     10. Evaluation         a small classifier judges the samples
@@ -28,6 +29,7 @@ Symbols used in the comments (paper → code):
     ε, ε_θ(x_t, t, c)  → noise, pred_noise
     w                  → guidance_scale
     η                  → eta (DDIM)
+    λ_t = log(√ᾱ_t/√(1−ᾱ_t)) → scheduler.lambdas   half the log-SNR, DPM-Solver++'s time
     ∅                  → NULL_LABEL, the "no label" row of the label embedding
 """
 
@@ -86,8 +88,8 @@ class Config:
     guidance_scale: float = 2.0     # w in ε = ε_∅ + w·(ε_c − ε_∅); 2 measured best (README)
     guidance_low: float = 0.0       # guide only where t/(T−1) ∈ [low, high]; elsewhere w = 1
     guidance_high: float = 1.0      #   (guidance in a limited interval, Kynkäänniemi et al. 2024)
-    sampler: str = "ddim"           # "ddim" (few steps) or "ddpm" (all T); flow uses "euler"
-    sample_steps: int = 20          # DDIM / Euler steps
+    sampler: str = "dpm"            # "dpm", "ddim" (few steps) or "ddpm" (all T); flow: "euler"
+    sample_steps: int = 10          # DPM-Solver++ 10 ≈ DDIM 20 (README); flow models take 20
     clip_x0: bool = True            # clamp the predicted x0 to [−1, 1] at each step
 
 
@@ -1283,7 +1285,7 @@ def add_sample_flags(parser, defaults=Config()):
         help="ddim, dpm (DPM-Solver++(2M)), ddpm (all T steps), euler (flow models) "
              "(default: the checkpoint's)")
     add("--steps", type=positive_int, default=None,
-        help=f"ddim / euler steps (default: {defaults.sample_steps})")
+        help="steps of dpm / ddim / euler (default: the checkpoint's, 10 for dpm)")
     add("--init-image", default=None, help="image-to-image: start from this picture")
     add("--strength", type=number_in(0, 1, low_open=True), default=0.6,
         help="image-to-image: how far to noise the picture, in (0, 1] (default: 0.6)")
@@ -1396,7 +1398,10 @@ def check_sampler(sampler, steps, config):
 # The three commands -------------------------------------------------------------------------
 
 def config_from_flags(args):
-    return replace(Config(), cond=args.cond, objective=args.objective,
+    defaults = Config()
+    if args.objective == "flow":  # a flow model samples with Euler steps
+        defaults = replace(defaults, sampler="euler", sample_steps=20)
+    return replace(defaults, cond=args.cond, objective=args.objective,
                    prediction=args.prediction, epochs=args.epochs, batch_size=args.batch_size,
                    lr=args.lr, label_drop=args.label_drop, warmup_steps=args.warmup_steps,
                    min_snr_gamma=args.min_snr_gamma, patch_size=args.patch_size,
