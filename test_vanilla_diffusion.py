@@ -835,6 +835,21 @@ def test_a_diverging_run_stops_at_once_and_keeps_the_last_good_checkpoint(
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
 
 
+def test_unconditional_run_keeps_an_early_guide_and_evaluates_with_and_without_it(
+        tiny_mnist, tmp_path, capsys):
+    ckpt = train_tiny(tiny_mnist, tmp_path / "uncond", steps=8)  # guide_at 0.25: after step 2
+    state = torch.load(ckpt, weights_only=True)
+    assert state["guide"] is not None and state["step"] == 8
+    guide_weights, ema_weights = state["guide"], state["ema"]
+    assert any(not torch.equal(guide_weights[name], ema_weights[name]) for name in ema_weights)
+    vd.main(["evaluate", "--ckpt", ckpt, "--data-dir", tiny_mnist, "--per-label", "2",
+             "--samplers", "dpm:3"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.strip().startswith("dpm")]
+    assert [row[2] for row in rows] == ["1", "3"]  # the model alone, then autoguided (w = 3)
+    assert all(row[4].endswith("%") for row in rows)  # the share of confident samples
+
+
 def test_sample_without_label_draws_one_row_per_digit(trained, tmp_path):
     vd.main(["sample", "--ckpt", trained, "--n", "2", "--steps", "2",
              "--output", str(tmp_path / "all.png")])

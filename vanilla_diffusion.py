@@ -84,10 +84,13 @@ class Config:
     label_drop: float = 0.1         # CFG needs the unconditional task too: p(label → ∅)
     ema_decay: float = 0.999        # sampling weights: θ_ema ← d·θ_ema + (1 − d)·θ
     min_snr_gamma: float = 5.0      # min-SNR-γ loss weight (Hang et al. 2023); 0: off
+    guide_at: float = 0.25          # unconditional: the EMA at this share of training is kept
+                                    #   as the weak guide of autoguidance (0: none)
     # sampling
     guidance_scale: float = 2.0     # w in ε = ε_∅ + w·(ε_c − ε_∅); 2 measured best (README)
     guidance_low: float = 0.0       # guide only where t/(T−1) ∈ [low, high]; elsewhere w = 1
-    guidance_high: float = 1.0      #   (guidance in a limited interval, Kynkäänniemi et al. 2024)
+    guidance_high: float = 0.7      #   (guidance in a limited interval, Kynkäänniemi et al. 2024)
+    autoguidance_scale: float = 3.0  # w in ε = ε_guide + w·(ε − ε_guide), unconditional models
     sampler: str = "dpm"            # "dpm", "ddim" (few steps) or "ddpm" (all T); flow: "euler"
     sample_steps: int = 10          # DPM-Solver++ 10 ≈ DDIM 20 (README); flow models take 20
     clip_x0: bool = True            # clamp the predicted x0 to [−1, 1] at each step
@@ -582,6 +585,14 @@ def ema_decay_at(step, config):
     return min(config.ema_decay, (1 + step) / (10 + step))
 
 
+def update_averages(run, config, total_steps):
+    """The EMA of the weights, which sampling uses; for an unconditional model also, once, a
+    frozen early copy of it: the weak guide of autoguidance (Karras et al. 2024)."""
+    update_ema(run.ema, run.model, ema_decay_at(run.step, config))
+    if not config.cond and run.step + 1 == round(config.guide_at * total_steps):
+        run.guide = copy.deepcopy(run.ema).eval()
+
+
 # ---------------------------------------------------------------------------------------------
 # 7. Sampling: classifier-free guidance (Ho & Salimans 2022), negative labels, image-to-image
 #    (Meng et al. 2022, SDEdit). Each sampler is one loop that yields x after every step.
@@ -744,7 +755,12 @@ def default_steps(sampler, config):
     return config.num_timesteps if sampler == "ddpm" else config.sample_steps
 
 
-def save_sample_grid(model, scheduler, config, path, per_digit=8, seed=0):
+def default_guidance_scale(config):
+    """CFG's w for a conditional model, autoguidance's w for an unconditional one."""
+    return config.guidance_scale if config.cond else config.autoguidance_scale
+
+
+def save_sample_grid(model, scheduler, config, path, guide=None, per_digit=8, seed=0):
     """The picture written after each epoch: a row per digit (an 8×8 grid if unconditional)."""
     device = next(model.parameters()).device
     model.eval()
@@ -754,8 +770,8 @@ def save_sample_grid(model, scheduler, config, path, per_digit=8, seed=0):
     count = len(labels) if config.cond else 64
     sampler = default_sampler(config)
     images = generate(model, scheduler, config, labels, shape=(count, 1, 28, 28),
-                      guidance_scale=config.guidance_scale, sampler=sampler,
-                      steps=default_steps(sampler, config),
+                      guidance_scale=default_guidance_scale(config), sampler=sampler,
+                      steps=default_steps(sampler, config), guide=guide,
                       generator=torch.Generator().manual_seed(seed))
     save_grid(images, path, nrow=per_digit if config.cond else 8)
     model.train()
@@ -795,7 +811,8 @@ def save_checkpoint(path, run, config, seed):
         raise UserError(f"refusing to save non-finite weights over {path}")
     state = {"model": run.model.state_dict(), "ema": run.ema.state_dict(),
              "optimizer": run.optimizer.state_dict(), "config": asdict(config),
-             "step": run.step, "seed": seed, "generator": run.generator.get_state()}
+             "step": run.step, "seed": seed, "generator": run.generator.get_state(),
+             "guide": None if run.guide is None else run.guide.state_dict()}
     durable_save(state, path)
 
 
@@ -810,6 +827,15 @@ def load_checkpoint(path, device="cpu"):
         raise UserError(f"{path} is not a readable VanillaDiffusion checkpoint "
                         f"({first_line(error)})") from None
     return state, config
+
+
+def load_guide(state, config, device):
+    """The autoguidance guide stored in a checkpoint, or None."""
+    if state.get("guide") is None:
+        return None
+    guide = DiT(config).to(device)
+    guide.load_state_dict(state["guide"])
+    return guide.eval()
 
 
 def build_model(config, device):
@@ -843,6 +869,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     generator: torch.Generator  # every random draw of training: t, ε, label dropout
     step: int = 0
+    guide: nn.Module = None    # unconditional: a frozen early copy of the EMA (autoguidance)
 
 
 def start_run(config, device, seed, checkpoint=None, path=""):
@@ -861,6 +888,7 @@ def start_run(config, device, seed, checkpoint=None, path=""):
         ema.load_state_dict(checkpoint["ema"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         run.generator.set_state(checkpoint["generator"].cpu())
+        run.guide = load_guide(checkpoint, config, device)
     except (KeyError, RuntimeError, ValueError, TypeError) as error:
         raise UserError(f"cannot resume from {path}: {first_line(error)}") from None
     run.step = checkpoint["step"]
@@ -952,7 +980,7 @@ def end_of_epoch(run, config, scheduler, out_dir, seed, progress):
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     save_checkpoint(ckpt_path, run, config, seed)
     grid_path = os.path.join(out_dir, f"samples_step{run.step:06d}.png")
-    save_sample_grid(run.ema, scheduler, config, grid_path)
+    save_sample_grid(run.ema, scheduler, config, grid_path, run.guide)
     print(f"saved {ckpt_path} and {grid_path}", flush=True)
 
 
@@ -980,8 +1008,8 @@ def train(config, images, labels, *, out_dir, total_steps, seed=0, checkpoint=No
             stop_if_diverged(loss, grad_norm, run.step, lr, ckpt_path)
             run.optimizer.step()
 
-            # the exponential moving average of the weights, which sampling uses
-            update_ema(run.ema, run.model, ema_decay_at(run.step, config))
+            # the exponential moving average of the weights (and the guide of autoguidance)
+            update_averages(run, config, total_steps)
             run.step += 1
 
             # progress, and at the end of each epoch a checkpoint and a picture
@@ -1117,8 +1145,8 @@ def print_row(sampler, steps, guidance_scale, row, seconds):
               f"{row['worst']:>12} {row['distance']:>9.2f} {seconds:>8.3f}", flush=True)
     else:
         shares = " ".join(f"{share:.0%}" for share in row["shares"].tolist())
-        print(f"{sampler:>10} {steps:>5} {row['distance']:>9.2f} {row['confident']:>10.1%} "
-              f"{seconds:>8.3f}  {shares}", flush=True)
+        print(f"{sampler:>10} {steps:>5} {guidance_scale:>5g} {row['distance']:>9.2f} "
+              f"{row['confident']:>10.1%} {seconds:>8.3f}  {shares}", flush=True)
 
 
 def print_header(cond):
@@ -1126,12 +1154,12 @@ def print_header(cond):
         print(f"{'sampler':>10} {'steps':>5} {'w':>5} {'accuracy':>9} {'worst digit':>12} "
               f"{'distance':>9} {'s/image':>8}")
     else:
-        print(f"{'sampler':>10} {'steps':>5} {'distance':>9} {'confident':>10} {'s/image':>8}  "
-              f"share of each predicted digit 0-9")
+        print(f"{'sampler':>10} {'steps':>5} {'w':>5} {'distance':>9} {'confident':>10} "
+              f"{'s/image':>8}  share of each predicted digit 0-9")
 
 
 def evaluate(model, scheduler, config, classifier, data_dir, *, settings, guidance_scales,
-             per_label, batch_size, seed, guidance_interval=None):
+             per_label, batch_size, seed, guidance_interval=None, guide=None):
     """For each (sampler, steps) and each w: draw per_label samples of every digit, judge them."""
     device = next(model.parameters()).device
     test_features = classify(classifier, load_mnist(data_dir, train=False, device=device)[0])[1]
@@ -1146,11 +1174,12 @@ def evaluate(model, scheduler, config, classifier, data_dir, *, settings, guidan
         labels = torch.arange(NUM_CLASSES, device=device).repeat_interleave(per_label)
     print_header(config.cond)
     for sampler, steps in settings:
-        for guidance_scale in guidance_scales if config.cond else [0.0]:
+        for guidance_scale in guidance_scales:
             started = time.time()
             samples = draw_in_batches(model, scheduler, config, labels, count, batch_size,
                                       guidance_scale=guidance_scale, sampler=sampler,
                                       steps=steps, guidance_interval=guidance_interval,
+                                      guide=guide,
                                       generator=torch.Generator().manual_seed(seed))
             seconds = (time.time() - started) / count
             row = judge_samples(classifier, samples, labels, test_features)
@@ -1296,8 +1325,9 @@ def add_sample_flags(parser, defaults=Config()):
 def add_evaluate_flags(parser):
     add = parser.add_argument
     add("--ckpt", default="runs/ckpt.pt", help="checkpoint to evaluate (default: runs/ckpt.pt)")
-    add("--guidance-scales", type=finite_numbers, default=[0.0, 1.0, 2.0, 3.0, 5.0],
-        help="comma-separated w values (default: 0,1,2,3,5)")
+    add("--guidance-scales", type=finite_numbers, default=None,
+        help="comma-separated w values (default: 0,1,2,3,5 for a conditional model; 1 and "
+             "the checkpoint's for an unconditional one with a guide)")
     add("--guidance-interval", type=interval, default=None,
         help="LO,HI: guide only where t/(T−1) lies in [LO, HI] (default: the checkpoint's)")
     add("--samplers", default=None,
@@ -1464,7 +1494,7 @@ def check_sample_flags(args, config, sampler, steps):
                         f"(or train one with `train --cond`)")
     if args.negative_label is not None and (not config.cond or args.label is None):
         raise UserError("--negative-label needs a conditional checkpoint and a --label")
-    if args.guidance_scale and len(args.guidance_scale) > 1 and args.label is None:
+    if args.guidance_scale and len(args.guidance_scale) > 1 and config.cond and args.label is None:
         raise UserError("several --guidance-scale values draw one row per scale; "
                         "give a --label too")
     check_sampler(sampler, steps, config)
@@ -1475,7 +1505,8 @@ def check_sample_flags(args, config, sampler, steps):
 
 def command_sample(args):
     device = pick_device(args.device)
-    model, scheduler, config, _ = load_model(args.ckpt, device)
+    model, scheduler, config, state = load_model(args.ckpt, device)
+    guide = None if config.cond else load_guide(state, config, device)
     sampler = args.sampler or default_sampler(config)
     steps = args.steps or default_steps(sampler, config)
     check_sample_flags(args, config, sampler, steps)
@@ -1486,14 +1517,14 @@ def command_sample(args):
     if args.init_image:
         init = load_init_image(args.init_image, config.image_size).to(device)
         init, strength = init.expand(count, -1, -1, -1), args.strength
-    scales = args.guidance_scale or [config.guidance_scale]
+    scales = args.guidance_scale or [default_guidance_scale(config)]
     rows, frames = [], []
     for guidance_scale in scales:  # one seed for every scale: each column starts from one noise
         frames.append([] if args.gif else None)
         rows.append(generate(model, scheduler, config, labels, shape=(count, 1, 28, 28),
                              guidance_scale=guidance_scale, sampler=sampler, steps=steps,
                              negative_labels=negative, init_images=init, strength=strength,
-                             guidance_interval=args.guidance_interval,
+                             guidance_interval=args.guidance_interval, guide=guide,
                              generator=torch.Generator().manual_seed(args.seed),
                              frames=frames[-1]))
     nrow = nrow if len(scales) == 1 else args.n
@@ -1526,12 +1557,16 @@ def command_evaluate(args):
     folder = os.path.dirname(os.path.abspath(args.ckpt))
     classifier = get_classifier(os.path.join(folder, "mnist_classifier.pt"), args.data_dir, device)
     guidance_interval = args.guidance_interval or (config.guidance_low, config.guidance_high)
+    guide = None if config.cond else load_guide(state, config, device)
+    scales = args.guidance_scales or [0.0, 1.0, 2.0, 3.0, 5.0]
+    if not config.cond:  # w = 1: the model alone; then autoguidance, if there is a guide
+        scales = args.guidance_scales or [1.0] + ([config.autoguidance_scale] if guide else [])
     print(f"checkpoint {args.ckpt}: step {state['step']}, objective {config.objective}; "
           f"{args.per_label * NUM_CLASSES} samples per setting; guidance where t/(T−1) ∈ "
           f"[{guidance_interval[0]:g}, {guidance_interval[1]:g}]")
     evaluate(model, scheduler, config, classifier, args.data_dir, settings=settings,
-             guidance_scales=args.guidance_scales, per_label=args.per_label,
-             batch_size=args.batch_size, seed=args.seed, guidance_interval=guidance_interval)
+             guidance_scales=scales, per_label=args.per_label, batch_size=args.batch_size,
+             seed=args.seed, guidance_interval=guidance_interval, guide=guide)
 
 
 def main(argv=None):
