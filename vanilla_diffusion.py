@@ -606,11 +606,11 @@ def guided_prediction(model, x, t, labels, guidance_scale, negative_labels=None,
     An unconditional model with a guide (a weaker version of itself) gets autoguidance
     (Karras et al. 2024), the same formula: ε = ε_guide + w·(ε − ε_guide).
     """
-    if labels is None and guide is not None:
+    if guidance_scale == 1 or (labels is None and guide is None):  # the model alone: one pass
+        return model(x, t, labels)
+    if labels is None:  # autoguidance
         pred_guide = guide(x, t, None)
         return pred_guide + guidance_scale * (model(x, t, None) - pred_guide)
-    if labels is None or guidance_scale == 1:  # nothing to guide: one plain pass
-        return model(x, t, labels)
     if negative_labels is None:
         uncond_labels = torch.full_like(labels, NULL_LABEL)
     else:
@@ -635,7 +635,7 @@ class Denoiser:
 
     def guidance_at(self, t):
         """Guidance in a limited interval (Kynkäänniemi et al. 2024): w where t/(T−1) lies in
-        [low, high], 1 (the plain conditional model, one pass) elsewhere."""
+        [low, high], 1 (the model alone, one pass) elsewhere."""
         low, high = self.guidance_interval
         inside = low <= t / (self.config.num_timesteps - 1) <= high
         return self.guidance_scale if inside else 1.0
@@ -816,13 +816,17 @@ def save_checkpoint(path, run, config, seed):
     durable_save(state, path)
 
 
+# A checkpoint written before a field existed means what the file did then.
+BEFORE_FIELD_EXISTED = {"guidance_low": 0.0, "guidance_high": 1.0, "guide_at": 0.0}
+
+
 def load_checkpoint(path, device="cpu"):
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}; make one with `python vanilla_diffusion.py "
                         f"train --cond` (it writes runs/ckpt.pt) or pass --ckpt")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-        config = Config(**state["config"])
+        config = Config(**{**BEFORE_FIELD_EXISTED, **state["config"]})
     except Exception as error:
         raise UserError(f"{path} is not a readable VanillaDiffusion checkpoint "
                         f"({first_line(error)})") from None
@@ -959,7 +963,8 @@ class Progress:
 
     def print_loss_per_tenth_of_t(self):
         means = (self.bucket_loss / self.bucket_count.clamp(min=1)).tolist()
-        print("loss per tenth of t (low noise → high noise): "
+        overall = (self.bucket_loss.sum() / self.bucket_count.sum().clamp(min=1)).item()
+        print(f"mean loss {overall:.4f}; per tenth of t (low noise → high noise): "
               + " ".join(f"{value:.3f}" for value in means), flush=True)
         self.bucket_loss.zero_()
         self.bucket_count.zero_()
