@@ -480,6 +480,31 @@ def test_training_loss_weights_match_their_closed_forms(scheduler, prediction, g
     close(per_image, weight * target.pow(2).mean(dim=(1, 2, 3)), 1e-6, 1e-3)
 
 
+@pytest.mark.parametrize("mean, std", [(-2.0, 2.0), (0.0, 1.0), (3.0, 0.5)])
+def test_logsnr_sampling_draws_log_snr_from_its_normal(scheduler, mean, std):
+    """t is the first timestep whose log SNR is at most a draw z ~ N(μ, σ²), so
+    P(log SNR_t ≤ log SNR_k) = P(z < log SNR_{k−1}) = Φ((log SNR_{k−1} − μ)/σ), exactly."""
+    config = vd.Config(t_sampling="logsnr", logsnr_mean=mean, logsnr_std=std)
+    n = 200_000
+    t = vd.sample_timesteps(scheduler, n, config, torch.Generator().manual_seed(0))
+    alpha_bar = linear_alpha_bar()
+    log_snr = (alpha_bar / (1 - alpha_bar)).log()
+    normal = torch.distributions.Normal(mean, std)
+    for k in range(1, T, 37):
+        expected = normal.cdf(log_snr[k - 1]).item()
+        observed = (t >= k).double().mean().item()  # log SNR falls in t: t ≥ k ⇔ below
+        assert abs(observed - expected) <= 5 * math.sqrt(expected * (1 - expected) / n) + 1e-6
+
+
+def test_uniform_sampling_gives_every_timestep_the_same_share(scheduler):
+    config = vd.Config(t_sampling="uniform")
+    n = 200_000
+    t = vd.sample_timesteps(scheduler, n, config, torch.Generator().manual_seed(0))
+    p = 1 / 10  # each tenth of the T timesteps
+    shares = torch.bincount(t // (T // 10), minlength=10).double() / n
+    assert (shares - p).abs().max() <= 5 * math.sqrt(p * (1 - p) / n)
+
+
 def test_training_loss_draws_all_its_randomness_from_the_generator(scheduler):
     config = tiny_config()
     model = randomized(vd.DiT(config))
@@ -658,11 +683,12 @@ def test_a_checkpoint_from_before_a_field_existed_keeps_the_behaviour_of_its_tim
     config = tiny_config()
     vd.save_checkpoint(str(tmp_path / "new.pt"), random_run(config), config, seed=0)
     state = torch.load(tmp_path / "new.pt", weights_only=True)
-    for name in ("guidance_low", "guidance_high", "guide_at"):
+    for name in ("guidance_low", "guidance_high", "guide_at", "t_sampling"):
         del state["config"][name]
     torch.save(state, tmp_path / "old.pt")
     _, old_config = vd.load_checkpoint(str(tmp_path / "old.pt"))
     assert (old_config.guidance_low, old_config.guidance_high, old_config.guide_at) == (0, 1, 0)
+    assert old_config.t_sampling == "uniform"
 
 
 def test_non_finite_weights_are_never_saved_and_the_old_checkpoint_stays(tmp_path):

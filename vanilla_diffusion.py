@@ -84,6 +84,9 @@ class Config:
     label_drop: float = 0.1         # CFG needs the unconditional task too: p(label → ∅)
     ema_decay: float = 0.999        # sampling weights: θ_ema ← d·θ_ema + (1 − d)·θ
     min_snr_gamma: float = 5.0      # min-SNR-γ loss weight (Hang et al. 2023); 0: off
+    t_sampling: str = "logsnr"      # "uniform" t (Ho et al.), or "logsnr": log SNR(t) ~ N(μ, σ²)
+    logsnr_mean: float = -2.0       # μ: below SNR = 1, where a digit's shape is decided
+    logsnr_std: float = 2.0         # σ: still reaches the low noise of thin strokes
     guide_at: float = 0.25          # unconditional: the EMA at this share of training is kept
                                     #   as the weak guide of autoguidance (0: none)
     # sampling
@@ -526,11 +529,27 @@ def min_snr_weight(snr, gamma, prediction):
     return snr.clamp(max=gamma) / denominator
 
 
+def sample_timesteps(scheduler, batch_size, config, generator=None):
+    """Where training spends its steps. Algorithm 1 of Ho et al. draws t uniformly; with the
+    linear β, half of those t have SNR < 0.09, where a min-SNR weight is nearly 0. "logsnr"
+    draws log SNR ~ N(μ, σ²) instead (the log-normal of EDM, Karras et al. 2022) and takes the
+    first t whose log SNR is at most the draw: most steps go where a digit's shape is decided."""
+    device = scheduler.lambdas.device
+    if config.t_sampling == "uniform":
+        return torch.randint(0, config.num_timesteps, (batch_size,), device=device,
+                             generator=generator)
+    log_snr = torch.randn(batch_size, device=device, generator=generator)
+    log_snr = config.logsnr_mean + config.logsnr_std * log_snr      # log SNR ~ N(μ, σ²)
+    log_snr_table = 2 * scheduler.lambdas                           # log SNR_t, falling in t
+    t = torch.searchsorted(-log_snr_table, -log_snr)                # first t: log SNR_t ≤ draw
+    return t.clamp(max=config.num_timesteps - 1)
+
+
 def denoising_loss(model, scheduler, x0, labels, config, generator=None):
     """DDPM: t ~ U{0, …, T−1}, x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε, loss ‖ε − ε_θ(x_t, t, c)‖²
     (or ‖v − v_θ‖²), weighted by min-SNR. Returns the per-image loss [B] and t/T [B]."""
     B, device = x0.shape[0], x0.device
-    t = torch.randint(0, config.num_timesteps, (B,), device=device, generator=generator)
+    t = sample_timesteps(scheduler, B, config, generator)
     noise = torch.randn(x0.shape, device=device, generator=generator)
     x_t, _ = scheduler.noise_image(x0, t, noise)
     target = noise if config.prediction == "eps" else scheduler.velocity(x0, t, noise)
@@ -817,7 +836,8 @@ def save_checkpoint(path, run, config, seed):
 
 
 # A checkpoint written before a field existed means what the file did then.
-BEFORE_FIELD_EXISTED = {"guidance_low": 0.0, "guidance_high": 1.0, "guide_at": 0.0}
+BEFORE_FIELD_EXISTED = {"guidance_low": 0.0, "guidance_high": 1.0, "guide_at": 0.0,
+                        "t_sampling": "uniform"}
 
 
 def load_checkpoint(path, device="cpu"):
@@ -1288,6 +1308,12 @@ def add_train_flags(parser, defaults=Config()):
     add("--warmup-steps", type=nonnegative_int, default=defaults.warmup_steps)
     add("--min-snr-gamma", type=number_in(0, 1e6), default=defaults.min_snr_gamma,
         help="γ of the min-SNR loss weight; 0 switches it off")
+    add("--t-sampling", choices=["uniform", "logsnr"], default=defaults.t_sampling,
+        help="how training draws t: uniform, or log SNR(t) ~ N(mean, std²) (default: logsnr)")
+    add("--logsnr-mean", type=number_in(-20, 20), default=defaults.logsnr_mean,
+        help=f"mean of log SNR for --t-sampling logsnr (default: {defaults.logsnr_mean:g})")
+    add("--logsnr-std", type=number_in(0, 20, low_open=True), default=defaults.logsnr_std,
+        help=f"its standard deviation, > 0 (default: {defaults.logsnr_std:g})")
     add("--patch-size", type=positive_int, default=defaults.patch_size, help="must divide 28")
     add("--width", type=positive_int, default=defaults.width,
         help="token width D; divisible by 4 and by the head count")
@@ -1439,7 +1465,9 @@ def config_from_flags(args):
     return replace(defaults, cond=args.cond, objective=args.objective,
                    prediction=args.prediction, epochs=args.epochs, batch_size=args.batch_size,
                    lr=args.lr, label_drop=args.label_drop, warmup_steps=args.warmup_steps,
-                   min_snr_gamma=args.min_snr_gamma, patch_size=args.patch_size,
+                   min_snr_gamma=args.min_snr_gamma, t_sampling=args.t_sampling,
+                   logsnr_mean=args.logsnr_mean, logsnr_std=args.logsnr_std,
+                   patch_size=args.patch_size,
                    width=args.width, depth=args.depth, heads=args.heads,
                    conv_channels=args.conv_channels)
 
