@@ -884,7 +884,8 @@ def test_unconditional_run_keeps_an_early_guide_and_evaluates_with_and_without_i
              "--samplers", "dpm:3"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines()
             if line.strip().startswith("dpm")]
-    assert [row[2] for row in rows] == ["1", "3"]  # the model alone, then autoguided (w = 3)
+    autoguided = f"{vd.Config().autoguidance_scale:g}"
+    assert [row[2] for row in rows] == ["1", autoguided]  # the model alone, then autoguided
     assert all(row[4].endswith("%") for row in rows)  # the share of confident samples
 
 

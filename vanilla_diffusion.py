@@ -91,10 +91,10 @@ class Config:
     guide_at: float = 0.25          # unconditional: the EMA at this share of training is kept
                                     #   as the weak guide of autoguidance (0: none)
     # sampling
-    guidance_scale: float = 2.0     # w in ε = ε_∅ + w·(ε_c − ε_∅); 2 measured best (README)
+    guidance_scale: float = 1.5     # w in ε = ε_∅ + w·(ε_c − ε_∅); 1.5 measured best (README)
     guidance_low: float = 0.0       # guide only where t/(T−1) ∈ [low, high]; elsewhere w = 1
     guidance_high: float = 0.7      #   (guidance in a limited interval, Kynkäänniemi et al. 2024)
-    autoguidance_scale: float = 3.0  # w in ε = ε_guide + w·(ε − ε_guide), unconditional models
+    autoguidance_scale: float = 4.0  # w in ε = ε_guide + w·(ε − ε_guide), unconditional models
     sampler: str = "dpm"            # "dpm", "ddim" (few steps) or "ddpm" (all T); flow: "euler"
     sample_steps: int = 10          # DPM-Solver++ 10 ≈ DDIM 20 (README); flow models take 20
     clip_x0: bool = True            # clamp the predicted x0 to [−1, 1] at each step
