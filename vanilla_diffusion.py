@@ -1320,6 +1320,15 @@ def add_train_flags(parser, defaults=Config()):
         help=f"mean of log SNR for --t-sampling logsnr (default: {defaults.logsnr_mean:g})")
     add("--logsnr-std", type=number_in(0, 20, low_open=True), default=defaults.logsnr_std,
         help=f"its standard deviation, > 0 (default: {defaults.logsnr_std:g})")
+    add("--out-dir", default="runs", help="where the checkpoint and sample grids go")
+    add("--resume", action="store_true", help="continue the run in <out-dir>/ckpt.pt")
+    add("--overwrite", action="store_true",
+        help="start a new run even though <out-dir>/ckpt.pt holds one")
+    add_model_flags(parser, defaults)
+
+
+def add_model_flags(parser, defaults=Config()):
+    add = parser.add_argument
     add("--patch-size", type=positive_int, default=defaults.patch_size, help="must divide 28")
     add("--width", type=positive_int, default=defaults.width,
         help="token width D; divisible by 4 and by the head count")
@@ -1327,10 +1336,6 @@ def add_train_flags(parser, defaults=Config()):
     add("--heads", type=positive_int, default=defaults.heads, help="attention heads")
     add("--conv-channels", type=nonnegative_int, default=defaults.conv_channels,
         help="channels of the conv stem and head; 0: plain linear patches")
-    add("--out-dir", default="runs", help="where the checkpoint and sample grids go")
-    add("--resume", action="store_true", help="continue the run in <out-dir>/ckpt.pt")
-    add("--overwrite", action="store_true",
-        help="start a new run even though <out-dir>/ckpt.pt holds one")
 
 
 def add_sample_flags(parser, defaults=Config()):
