@@ -940,6 +940,24 @@ def test_bad_sample_input_gives_one_clear_line_and_writes_nothing(trained, args,
     assert os.listdir(tmp_path) == []
 
 
+def test_every_train_flag_reaches_the_config():
+    """Each training flag, set away from its default, arrives in Config under its own name."""
+    flags = {"epochs": "3", "batch_size": "8", "lr": "0.002", "label_drop": "0.2",
+             "warmup_steps": "7", "ema_decay": "0.99", "min_snr_gamma": "5",
+             "t_sampling": "uniform", "logsnr_mean": "-1", "logsnr_std": "1.5",
+             "patch_size": "7", "width": "32", "depth": "2", "heads": "4",
+             "conv_channels": "8", "prediction": "eps"}
+    argv = ["train", "--cond"]
+    for name, value in flags.items():
+        argv += ["--" + name.replace("_", "-"), value]
+    config = vd.config_from_flags(vd.build_parser().parse_args(argv))
+    defaults = vd.Config()
+    assert config.cond
+    for name, value in flags.items():
+        expected = type(getattr(defaults, name))(value)
+        assert getattr(config, name) == expected != getattr(defaults, name), name
+
+
 @pytest.mark.parametrize("args, message", [
     (["--patch-size", "5"], "--patch-size 5 does not divide"),
     (["--width", "30"], "divisible by 4"),
