@@ -125,15 +125,14 @@ def noised_sample(scheduler, t, seed, shape=(3, 1, 8, 8)):
     return x0, noise, scheduler.noise_image(x0, t, noise)[0]
 
 
-@given(t=timesteps, batch=batch_sizes, clip=st.booleans(), posterior=st.booleans())
-def test_reverse_steps_preserve_shape_dtype_and_device(scheduler, t, batch, clip, posterior):
+@given(t=timesteps, batch=batch_sizes, clip=st.booleans(), eta=st.booleans())
+def test_reverse_steps_preserve_shape_dtype_and_device(scheduler, t, batch, clip, eta):
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         table = scheduler.to(device)
         x_t = torch.randn(batch, 1, 28, 28, device=device)
         pred_noise = torch.randn_like(x_t)
-        ddpm = table.sample_prev_image_distribution(x_t, t, pred_noise, clip_x0=clip,
-                                                    posterior_variance=posterior)
-        ddim = table.ddim_step(x_t, t, t - 1, pred_noise, eta=float(posterior), clip_x0=clip)
+        ddpm = table.sample_prev_image_distribution(x_t, t, pred_noise)
+        ddim = vd.ddim_step(table, x_t, t, t - 1, pred_noise, eta=float(eta), clip_x0=clip)
         for out in (ddpm, ddim):
             assert out.shape == x_t.shape and out.dtype == x_t.dtype and out.device == x_t.device
     scheduler.to("cpu")
@@ -157,19 +156,19 @@ def test_reverse_step_at_t0_adds_no_noise(scheduler, device):
 def test_true_noise_gives_back_x0_and_ddim_eta0_recovers_it_exactly(scheduler, t, seed):
     x0, noise, x_t = noised_sample(scheduler, t, seed)
     tolerance = 1e-5 / scheduler.sqrt_alpha_bar[t].item()  # float32 error, amplified by 1/√ᾱ_t
-    close(scheduler.predict_x0(x_t, t, noise), x0, tolerance)
-    close(scheduler.ddim_step(x_t, t, -1, noise), x0, tolerance)
+    close(vd.predict_x0(scheduler, x_t, t, noise), x0, tolerance)
+    close(vd.ddim_step(scheduler, x_t, t, -1, noise), x0, tolerance)
     # η = 0 with the true ε walks along the same noise: it lands on noise_image(x0, t_prev, ε)
     if t > 1:
         x_prev = scheduler.noise_image(x0, t // 2, noise)[0]
-        close(scheduler.ddim_step(x_t, t, t // 2, noise), x_prev, tolerance)
+        close(vd.ddim_step(scheduler, x_t, t, t // 2, noise), x_prev, tolerance)
 
 
 @given(t=timesteps, seed=st.integers(0, 2**16))
 def test_velocity_target_converts_back_to_the_true_noise(scheduler, t, seed):
     x0, noise, x_t = noised_sample(scheduler, t, seed)
-    velocity = scheduler.velocity(x0, t, noise)  # v = √ᾱ_t·ε − √(1−ᾱ_t)·x0
-    close(scheduler.noise_from_velocity(x_t, t, velocity), noise, 1e-5, 1e-5)
+    velocity = vd.velocity(scheduler, x0, t, noise)  # v = √ᾱ_t·ε − √(1−ᾱ_t)·x0
+    close(vd.noise_from_velocity(scheduler, x_t, t, velocity), noise, 1e-5, 1e-5)
     if t == T - 1:  # at the noisiest step v is almost −x0: the network predicts the image
         close(velocity, -x0, 0.01)
 
@@ -191,7 +190,9 @@ def test_ddpm_step_mean_matches_posterior_mean_closed_form(scheduler, t, clip):
     x0 = torch.linspace(-0.9, 0.9, 4).reshape(1, 1, 2, 2).expand(n, 1, 2, 2)
     one_noise = torch.randn(1, 1, 2, 2).expand(n, 1, 2, 2)
     x_t, noise = scheduler.noise_image(x0, t, one_noise)  # one x_t, n copies
-    x_prev = scheduler.sample_prev_image_distribution(x_t, t, noise, clip_x0=clip)
+    if clip:  # II.5: the ε of the clamped x0, which is x0 itself here
+        noise = vd.clamp_prediction(scheduler, x_t, t, noise)[1]
+    x_prev = scheduler.sample_prev_image_distribution(x_t, t, noise)
     sigma = scheduler.betas[t].sqrt().item()  # σ_t = √β_t
     atol = 5 * sigma / math.sqrt(n) + 1e-4 / scheduler.sqrt_alpha_bar[t].item()
     close(x_prev.mean(0), posterior_mean(x0[:1], x_t[:1], t)[0], atol)
@@ -200,13 +201,19 @@ def test_ddpm_step_mean_matches_posterior_mean_closed_form(scheduler, t, clip):
 
 @given(t=st.integers(1, T - 1), seed=st.integers(0, 2**16))
 def test_ddim_with_eta1_on_consecutive_steps_is_ddpm_with_posterior_variance(scheduler, t, seed):
+    """η = 1, t → t−1: the same mean as the DDPM step, and σ² = β̃_t = (1−ᾱ_{t−1})/(1−ᾱ_t)·β_t
+    instead of β_t; from one generator both draw the same z."""
     x_t = torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(seed))
     pred_noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(seed + 1))
-    ddim = scheduler.ddim_step(x_t, t, t - 1, pred_noise, eta=1.0,
-                               generator=torch.Generator().manual_seed(7))
-    ddpm = scheduler.sample_prev_image_distribution(
-        x_t, t, pred_noise, torch.Generator().manual_seed(7), posterior_variance=True)
-    close(ddim, ddpm, 2e-4 / scheduler.sqrt_alpha_bar[t].item(), 1e-4)
+    ddim = vd.ddim_step(scheduler, x_t, t, t - 1, pred_noise, eta=1.0,
+                        generator=torch.Generator().manual_seed(7))
+    ddpm = scheduler.sample_prev_image_distribution(x_t, t, pred_noise,
+                                                    torch.Generator().manual_seed(7))
+    z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(7))
+    alpha_bar, beta = linear_alpha_bar(), torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    posterior_variance = (1 - alpha_bar[t - 1]) / (1 - alpha_bar[t]) * beta[t]   # β̃_t
+    expected = ddpm + (posterior_variance.sqrt() - beta[t].sqrt()).float() * z
+    close(ddim, expected, 2e-4 / scheduler.sqrt_alpha_bar[t].item(), 1e-4)
 
 
 @given(t=timesteps, t_prev_fraction=st.floats(0, 1), seed=st.integers(0, 2**16))
@@ -214,16 +221,27 @@ def test_ddim_clipped_branch_equals_unclipped_where_clipping_is_inactive(
         scheduler, t, t_prev_fraction, seed):
     x0, noise, x_t = noised_sample(scheduler, t, seed)  # x0 ∈ [−1, 1]: the clamp does nothing
     t_prev = math.floor(t_prev_fraction * t) - 1       # any earlier step, or −1 for "to x0"
-    clipped = scheduler.ddim_step(x_t, t, t_prev, noise, clip_x0=True)
-    close(clipped, scheduler.ddim_step(x_t, t, t_prev, noise, clip_x0=False), 1e-4, 1e-4)
+    clipped = vd.ddim_step(scheduler, x_t, t, t_prev, noise, clip_x0=True)
+    close(clipped, vd.ddim_step(scheduler, x_t, t, t_prev, noise, clip_x0=False), 1e-4, 1e-4)
 
 
 @given(t=st.integers(1, T - 1), seed=st.integers(0, 2**16))
-def test_ddpm_clipped_mean_equals_unclipped_where_clipping_is_inactive(scheduler, t, seed):
+def test_clamped_prediction_changes_nothing_where_x0_is_in_range(scheduler, t, seed):
     x0, noise, x_t = noised_sample(scheduler, t, seed)
-    steps = [scheduler.sample_prev_image_distribution(
-        x_t, t, noise, torch.Generator().manual_seed(1), clip_x0=clip) for clip in (True, False)]
-    close(steps[0], steps[1], 1e-4, 1e-4)
+    clamped_x0, clamped_noise = vd.clamp_prediction(scheduler, x_t, t, noise)
+    tolerance = 1e-5 / scheduler.sqrt_alpha_bar[t].item()
+    close(clamped_x0, x0, tolerance)
+    close(clamped_noise, noise, 1e-4, 1e-4)
+
+
+@given(t=timesteps, seed=st.integers(0, 2**16))
+def test_clamped_prediction_is_the_noise_of_the_clamped_x0(scheduler, t, seed):
+    x0, noise, x_t = noised_sample(scheduler, t, seed)
+    x_t = scheduler.noise_image(3 * x0, t, noise)[0]  # x0 ∈ [−3, 3]: the clamp acts
+    clamped_x0, clamped_noise = vd.clamp_prediction(scheduler, x_t, t, noise)
+    close(clamped_x0, (3 * x0).clamp(-1, 1), 3e-5 / scheduler.sqrt_alpha_bar[t].item())
+    close(vd.predict_x0(scheduler, x_t, t, clamped_noise), clamped_x0,
+          3e-5 / scheduler.sqrt_alpha_bar[t].item())
 
 
 def test_sampling_timesteps_run_from_start_to_zero_without_repeats():
@@ -386,25 +404,26 @@ def test_dpm_solver_first_order_step_is_the_ddim_step(scheduler, t, t_next_fract
     _, _, x_t = noised_sample(scheduler, t, seed)
     pred_noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(seed + 1))
     t_next = math.floor(t_next_fraction * t)
-    x0 = scheduler.predict_x0(x_t, t, pred_noise)
-    dpm, _ = scheduler.dpm_solver_step(x_t, t, t_next, x0)
-    close(dpm, scheduler.ddim_step(x_t, t, t_next, pred_noise), 1e-3, 1e-4)
+    x0 = vd.predict_x0(scheduler, x_t, t, pred_noise)
+    dpm, _ = vd.dpm_solver_step(scheduler, x_t, t, t_next, x0)
+    close(dpm, vd.ddim_step(scheduler, x_t, t, t_next, pred_noise), 1e-3, 1e-4)
 
 
 def test_log_snr_timesteps_are_even_in_half_log_snr(scheduler):
     timesteps = vd.log_snr_timesteps(scheduler, T - 1, 10)
     assert timesteps[0] == T - 1 and timesteps[-1] == 0 and len(timesteps) == 10
-    steps = scheduler.lambdas[timesteps].diff()
+    steps = scheduler.log_snr[timesteps].diff()
     assert (steps > 0).all() and steps.max() < 1.3 * steps.min()
 
 
 def test_guidance_applies_inside_its_interval_only_endpoints_included():
-    model = randomized(vd.DiT(tiny_config()))
+    model = randomized(vd.build_network(tiny_config()))
     x, labels = torch.randn(2, 1, 28, 28), torch.tensor([3, 5])
     denoise = vd.Denoiser(model, vd.NoiseScheduler(T), tiny_config(prediction="eps"), labels,
                           guidance_scale=4.0, guidance_interval=(0.2, 0.6))
     low, high = round(0.2 * (T - 1)), math.floor(0.6 * (T - 1))
-    assert [denoise.guidance_at(t) for t in (low - 1, low, high, high + 1)] == [1, 4, 4, 1]
+    scales = [vd.guidance_at(t, T, 4.0, (0.2, 0.6)) for t in (low - 1, low, high, high + 1)]
+    assert scales == [1, 4, 4, 1]
     t_batch = torch.full((2,), float(high + 1))
     close(denoise(x, high + 1), model(x, t_batch, labels), 1e-6)  # outside: plain conditional
     t_batch = torch.full((2,), float(high))
@@ -414,7 +433,7 @@ def test_guidance_applies_inside_its_interval_only_endpoints_included():
 
 def test_autoguidance_extrapolates_from_the_guide_like_cfg():
     config = tiny_config(cond=False)
-    model, guide = randomized(vd.DiT(config)), randomized(vd.DiT(config), seed=1)
+    model, guide = randomized(vd.build_network(config)), randomized(vd.build_network(config), seed=1)
     x, t = torch.randn(2, 1, 28, 28), torch.tensor([10.0, 900.0])
     strong, weak = model(x, t, None), guide(x, t, None)
     for w in (0.0, 1.0, 2.5):
@@ -507,7 +526,7 @@ def test_uniform_sampling_gives_every_timestep_the_same_share(scheduler):
 
 def test_training_loss_draws_all_its_randomness_from_the_generator(scheduler):
     config = tiny_config()
-    model = randomized(vd.DiT(config))
+    model = randomized(vd.build_network(config))
     x0, labels = torch.rand(8, 1, 28, 28) * 2 - 1, torch.arange(8)
 
     def loss(seed):
@@ -535,7 +554,7 @@ def test_patchify_then_unpatchify_is_the_identity(batch, patch, channels):
 @pytest.mark.parametrize("cond", [True, False])
 @pytest.mark.parametrize("conv_channels", [0, 8])
 def test_dit_output_shape_equals_input_shape(device, cond, conv_channels):
-    model = randomized(vd.DiT(tiny_config(cond=cond, conv_channels=conv_channels))).to(device)
+    model = randomized(vd.build_network(tiny_config(cond=cond, conv_channels=conv_channels))).to(device)
     for batch in (1, 3):
         x = torch.randn(batch, 1, 28, 28, device=device)
         labels = torch.randint(0, 11, (batch,), device=device) if cond else None
@@ -545,13 +564,13 @@ def test_dit_output_shape_equals_input_shape(device, cond, conv_channels):
 
 @pytest.mark.parametrize("conv_channels", [0, 8])
 def test_dit_starts_by_predicting_zero(conv_channels):
-    model = vd.DiT(tiny_config(conv_channels=conv_channels))
+    model = vd.build_network(tiny_config(conv_channels=conv_channels))
     out = model(torch.randn(2, 1, 28, 28), torch.tensor([3, 900]), torch.tensor([1, 10]))
     assert torch.equal(out, torch.zeros_like(out))  # adaLN-Zero: the last layer starts at zero
 
 
 def test_changing_the_label_changes_the_output(device):
-    model = randomized(vd.DiT(tiny_config())).to(device)
+    model = randomized(vd.build_network(tiny_config())).to(device)
     x = torch.randn(1, 1, 28, 28, device=device).expand(11, 1, 28, 28)
     t = torch.full((11,), 500, device=device)
     out = model(x, t, torch.arange(11, device=device))  # digits 0-9 and ∅
@@ -560,7 +579,7 @@ def test_changing_the_label_changes_the_output(device):
 
 
 def test_cross_attention_has_several_keys_and_weights_that_depend_on_the_image_token():
-    model = randomized(vd.DiT(tiny_config()))
+    model = randomized(vd.build_network(tiny_config()))
     attention, captured = model.blocks[0].cross_attn, {}
     attention.register_forward_hook(
         lambda module, inputs, output: captured.update(inputs=inputs, output=output))
@@ -577,13 +596,13 @@ def test_cross_attention_has_several_keys_and_weights_that_depend_on_the_image_t
 
 
 def test_null_label_is_a_real_embedding_row_and_unconditional_model_ignores_labels():
-    model = randomized(vd.DiT(tiny_config()))
+    model = randomized(vd.build_network(tiny_config()))
     assert model.label_embed.num_embeddings == 11
     x, t = torch.randn(2, 1, 28, 28), torch.tensor([100, 100])
     null_out = model(x, t, torch.full((2,), vd.NULL_LABEL))
     assert torch.isfinite(null_out).all()
     assert not torch.allclose(null_out, model(x, t, torch.tensor([4, 4])))
-    unconditional = randomized(vd.DiT(tiny_config(cond=False)))
+    unconditional = randomized(vd.build_network(tiny_config(cond=False)))
     assert all(block.cross_attn is None for block in unconditional.blocks)
     torch.testing.assert_close(unconditional(x, t, None), unconditional(x, t, torch.tensor([1, 2])))
 
@@ -603,7 +622,7 @@ def test_label_dropout_replaces_labels_with_null_at_rate_p(p):
 # ---------------------------------------------------------------------------------------------
 
 def test_guidance_scale_1_is_conditional_0_is_unconditional_and_negative_fills_uncond(device):
-    model = randomized(vd.DiT(tiny_config())).to(device)
+    model = randomized(vd.build_network(tiny_config())).to(device)
     x = torch.randn(3, 1, 28, 28, device=device)
     t, labels = torch.tensor([5, 400, 999], device=device), torch.tensor([1, 4, 7], device=device)
     cond, uncond = model(x, t, labels), model(x, t, torch.full_like(labels, vd.NULL_LABEL))
@@ -658,6 +677,71 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert rates[100] == pytest.approx(0, abs=1e-12)
 
 
+# ---------------------------------------------------------------------------------------------
+# Part I alone, and Part II reducing to it
+# ---------------------------------------------------------------------------------------------
+
+def part_one_source():
+    """The file from its top to the `# Part II` banner."""
+    lines = open(os.path.join(HERE, "vanilla_diffusion.py"), encoding="utf-8").read().splitlines()
+    end = next(i for i, line in enumerate(lines) if line.startswith("# Part II"))
+    return "\n".join(lines[:end])
+
+
+def test_part_one_alone_trains_and_samples_a_complete_model():
+    part_one = {"__name__": "part_one"}
+    exec(compile(part_one_source(), "part_one", "exec"), part_one)
+    assert "ConvDiT" not in part_one and "generate" not in part_one  # nothing from later parts
+    config = part_one["Config"](cond=True, width=32, depth=2, heads=2, label_tokens=2)
+    torch.manual_seed(0)
+    model, scheduler = part_one["DiT"](config), part_one["NoiseScheduler"](T)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    images, labels = synthetic_digits(64)
+
+    def fixed_loss():  # the same t, ε and label dropout each time
+        with torch.no_grad():
+            return part_one["ddpm_loss"](model, scheduler, images, labels, 0.1,
+                                         torch.Generator().manual_seed(123))[0].mean().item()
+
+    before, generator = fixed_loss(), torch.Generator().manual_seed(0)
+    for step in range(40):
+        batch = torch.arange(16) + 16 * (step % 4)
+        part_one["train_step"](model, optimizer, scheduler, images[batch], labels[batch], 0.1,
+                               generator)
+    assert fixed_loss() < 0.7 * before
+    samples = part_one["sample_ddpm_cfg"](model.eval(), scheduler, torch.tensor([1, 7]), 2.0,
+                                          (2, 1, 28, 28), torch.Generator().manual_seed(0))
+    assert samples.shape == (2, 1, 28, 28) and torch.isfinite(samples).all()
+
+
+def test_part_two_loss_with_eps_and_uniform_t_is_part_one_loss_bit_for_bit(scheduler):
+    config = tiny_config(prediction="eps", t_sampling="uniform", conv_channels=0)
+    model = randomized(vd.build_network(config))
+    x0, labels = torch.rand(8, 1, 28, 28) * 2 - 1, torch.arange(8)
+    part_one, t = vd.ddpm_loss(model, scheduler, x0, labels, config.label_drop,
+                               torch.Generator().manual_seed(4))
+    part_two, level = vd.denoising_loss(model, scheduler, x0, labels, config,
+                                        torch.Generator().manual_seed(4))
+    assert torch.equal(part_one, part_two) and torch.equal(t.float() / T, level)
+    vanilla = vd.vanilla_config(tiny_config())
+    run_loss, _ = vd.training_loss(model, scheduler, x0, labels, vanilla,
+                                   torch.Generator().manual_seed(4))
+    assert torch.equal(run_loss, part_one)
+
+
+def test_part_two_ddpm_loop_without_upgrades_is_part_one_loop(scheduler):
+    config = vd.vanilla_config(tiny_config())
+    model = randomized(vd.build_network(config), std=0.05)
+    labels = torch.tensor([2, 9])
+
+    def draw(sampler):
+        return vd.generate(model, scheduler, config, labels, shape=(2, 1, 28, 28),
+                           guidance_scale=2.0, sampler=sampler, steps=T,
+                           generator=torch.Generator().manual_seed(1))
+
+    assert torch.equal(draw("vanilla"), draw("ddpm"))
+
+
 def random_run(config):
     run, _ = vd.start_run(config, "cpu", seed=0)
     randomized(run.model)
@@ -691,6 +775,44 @@ def test_a_checkpoint_from_before_a_field_existed_keeps_the_behaviour_of_its_tim
     assert old_config.t_sampling == "uniform"
 
 
+def as_format_1(state):
+    """A checkpoint as the file wrote it before format 2: adaLN rows of conditional blocks in
+    the order [self-attn, MLP, cross-attn], and ConvDiT's stem and head registered first."""
+    D = state["config"]["width"]
+    swap = lambda rows: torch.cat([rows[:3 * D], rows[6 * D:], rows[3 * D:6 * D]])  # self-inverse
+    names = list(state["model"])
+    old_names = [n for n in names if n.startswith(("stem.", "head."))]
+    old_names += [n for n in names if not n.startswith(("stem.", "head."))]
+    for part in ("model", "ema"):
+        weights = {name: state[part][name] for name in old_names}
+        state[part] = {name: swap(v) if ".ada_ln.1." in name else v for name, v in weights.items()}
+    moments = state["optimizer"]["state"]
+    state["optimizer"]["state"] = {
+        old_names.index(name): {key: swap(v) if ".ada_ln.1." in name and v.dim() else v
+                                for key, v in moments[index].items()}
+        for index, name in enumerate(names) if index in moments}
+    del state["format"]
+    return state
+
+
+def test_a_format_1_checkpoint_samples_and_resumes_as_it_did(tmp_path):
+    config = tiny_config()
+    run = random_run(config)
+    for parameter in run.model.parameters():  # give the optimizer a state to carry over
+        parameter.grad = torch.randn_like(parameter)
+    run.optimizer.step()
+    vd.save_checkpoint(str(tmp_path / "new.pt"), run, config, seed=0)
+    torch.save(as_format_1(torch.load(tmp_path / "new.pt", weights_only=True)),
+               tmp_path / "old.pt")
+    x, t, labels = torch.randn(2, 1, 28, 28), torch.tensor([1, 999]), torch.tensor([0, 10])
+    restored = vd.load_model(str(tmp_path / "old.pt"), "cpu")[0]
+    assert torch.equal(restored(x, t, labels), run.ema(x, t, labels))
+    resumed, _ = vd.start_run(config, "cpu", 0, vd.load_checkpoint(str(tmp_path / "old.pt"))[0])
+    original = run.optimizer.state_dict()["state"]
+    for index, state in resumed.optimizer.state_dict()["state"].items():
+        assert all(torch.equal(state[key], original[index][key]) for key in state)
+
+
 def test_non_finite_weights_are_never_saved_and_the_old_checkpoint_stays(tmp_path):
     config = tiny_config()
     run = random_run(config)
@@ -716,7 +838,7 @@ def test_checkpoints_are_flushed_to_disk_before_the_atomic_rename(tmp_path, monk
 
 def test_img2img_strength_near_zero_keeps_the_image_and_one_ignores_it():
     config = tiny_config()
-    model = randomized(vd.DiT(config), std=0.05)  # outputs of order 1, like a trained model's
+    model = randomized(vd.build_network(config), std=0.05)  # outputs of order 1, like a trained model's
     scheduler = vd.NoiseScheduler(T)
     three, eight = synthetic_digits(10)[0][[3, 8]].split(1)
 
@@ -1044,6 +1166,27 @@ def test_importing_the_module_prints_nothing():
     result = subprocess.run([sys.executable, "-c", "import vanilla_diffusion"], cwd=HERE,
                             capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout == "" and result.stderr == ""
+
+
+def test_vanilla_trains_and_samples_exactly_part_one_from_the_command_line(
+        tiny_mnist, tmp_path, monkeypatch, capsys):
+    vd.main(["train", "--cond", "--vanilla", "--data-dir", tiny_mnist, "--out-dir",
+             str(tmp_path / "vanilla"), "--max-steps", "2", "--device", "cpu", "--width", "32",
+             "--depth", "1", "--batch-size", "16"])
+    ckpt = str(tmp_path / "vanilla" / "ckpt.pt")
+    state, config = vd.load_checkpoint(ckpt)
+    assert config.vanilla and config.prediction == "eps" and config.t_sampling == "uniform"
+    assert config.sampler == "vanilla" and not any(name.startswith("stem") for name in state["ema"])
+    assert (tmp_path / "vanilla" / "samples_step000002.png").is_file()
+    calls, part_one = [], vd.sample_ddpm_cfg
+    monkeypatch.setattr(vd, "sample_ddpm_cfg", lambda *a: calls.append(1) or part_one(*a))
+    vd.main(["sample", "--ckpt", ckpt, "--label", "3", "--n", "2",
+             "--output", str(tmp_path / "three.png")])
+    assert calls == [1] and png_size(tmp_path / "three.png") == (62, 32)
+    expect_one_line_error(["train", "--vanilla", "--prediction", "v", "--data-dir", tiny_mnist],
+                          "--vanilla trains exactly Part I; --prediction", capsys, code=1)
+    expect_one_line_error(["sample", "--ckpt", ckpt, "--label", "3", "--gif", "a.gif"],
+                          "--gif is a Part II feature", capsys, code=1)
 
 
 def test_flow_checkpoint_samples_with_euler_does_img2img_and_refuses_ddpm(tiny_mnist, tmp_path,
