@@ -244,11 +244,13 @@ def test_clamped_prediction_is_the_noise_of_the_clamped_x0(scheduler, t, seed):
           3e-5 / scheduler.sqrt_alpha_bar[t].item())
 
 
-def test_sampling_timesteps_run_from_start_to_zero_without_repeats():
-    assert vd.sampling_timesteps(999, 20)[0] == 999 and vd.sampling_timesteps(999, 20)[-1] == 0
-    assert len(vd.sampling_timesteps(999, 20)) == 20
-    assert vd.sampling_timesteps(3, 20) == [3, 2, 1, 0]
-    assert vd.sampling_timesteps(999, 1) == [999]
+@given(start=st.integers(0, T - 1), steps=st.integers(1, 60))
+def test_sampling_timesteps_are_even_from_the_start_and_stop_short_of_zero(start, steps):
+    timesteps = vd.sampling_timesteps(start, steps)
+    assert timesteps[0] == start and len(timesteps) == min(steps, start + 1 if start else 1)
+    assert all(a > b for a, b in zip(timesteps, timesteps[1:]))          # no repeats
+    assert timesteps[-1] == round(start / steps) if steps <= start else timesteps[-1] <= 1
+    assert vd.sampling_timesteps(999, 10) == [999, 899, 799, 699, 599, 500, 400, 300, 200, 100]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,24 +381,29 @@ class GaussianDenoiser(torch.nn.Module):
         return ((x.double() - alpha * x0) / sigma).float()
 
 
-def gaussian_ode_error(scheduler, sampler, steps):
+def gaussian_ode_error(scheduler, loop, steps, end=100):
+    """The sampler loop on `steps` timesteps evenly spaced in log SNR from T−1 to `end`: the
+    largest error of x_end against the exact probability-flow ODE solution."""
     shape = (64, 1, 4, 4)
-    config = vd.Config(image_size=4, prediction="eps", clip_x0=False)
-    out = vd.generate(GaussianDenoiser(scheduler), scheduler, config, None, shape=shape,
-                      guidance_scale=1.0, sampler=sampler, steps=steps,
-                      generator=torch.Generator().manual_seed(0))
-    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0)).double()
-    alpha, sigma = scheduler.sqrt_alpha_bar[T - 1], scheduler.sqrt_one_minus_alpha_bar[T - 1]
-    z = (x_T - alpha * MU) / (alpha**2 * S**2 + sigma**2).sqrt()
-    return (out - (MU + S * z)).abs().max().item()
+    targets = torch.linspace(scheduler.log_snr[T - 1].item(), scheduler.log_snr[end].item(), steps)
+    timesteps = torch.searchsorted(-scheduler.log_snr.double(), -targets.double()).tolist()
+    model = GaussianDenoiser(scheduler)
+    denoise = lambda x, t: model(x, torch.full((len(x),), float(t)))
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    states = list(loop(denoise, scheduler, x_T, timesteps, False))  # the last jumps to x0
+    alpha, sigma = scheduler.sqrt_alpha_bar.double(), scheduler.sqrt_one_minus_alpha_bar.double()
+    z = (x_T.double() - alpha[T - 1] * MU) / (alpha[T - 1]**2 * S**2 + sigma[T - 1]**2).sqrt()
+    exact = alpha[end] * MU + (alpha[end]**2 * S**2 + sigma[end]**2).sqrt() * z
+    return (states[-2] - exact).abs().max().item()
 
 
 def test_dpm_solver_is_second_order_and_beats_ddim_at_equal_steps(scheduler):
-    dpm = {steps: gaussian_ode_error(scheduler, "dpm", steps) for steps in (10, 20, 40)}
-    ddim = {steps: gaussian_ode_error(scheduler, "ddim", steps) for steps in (10, 20)}
-    assert ddim[20] < 0.6 * ddim[10]           # DDIM: first order, the error about halves
-    assert dpm[40] < dpm[20] / 3               # 2M: second order, the error about quarters
-    assert dpm[10] < ddim[20] / 4              # DPM-Solver++ 10 beats DDIM 20 by far
+    dpm = {steps: gaussian_ode_error(scheduler, vd.dpm_solver_sampler, steps)
+           for steps in (11, 21, 41)}
+    ddim = {steps: gaussian_ode_error(scheduler, vd.ddim_sampler, steps) for steps in (11, 21)}
+    assert ddim[21] < 0.6 * ddim[11]           # DDIM: first order, the error about halves
+    assert dpm[41] < dpm[21] / 3               # 2M: second order, the error about quarters
+    assert dpm[11] < ddim[21] / 1.4            # DPM-Solver++ 10 steps beat DDIM's 20
 
 
 @given(t=st.integers(1, T - 1), t_next_fraction=st.floats(0, 0.99), seed=st.integers(0, 2**16))
@@ -407,13 +414,6 @@ def test_dpm_solver_first_order_step_is_the_ddim_step(scheduler, t, t_next_fract
     x0 = vd.predict_x0(scheduler, x_t, t, pred_noise)
     dpm, _ = vd.dpm_solver_step(scheduler, x_t, t, t_next, x0)
     close(dpm, vd.ddim_step(scheduler, x_t, t, t_next, pred_noise), 1e-3, 1e-4)
-
-
-def test_log_snr_timesteps_are_even_in_half_log_snr(scheduler):
-    timesteps = vd.log_snr_timesteps(scheduler, T - 1, 10)
-    assert timesteps[0] == T - 1 and timesteps[-1] == 0 and len(timesteps) == 10
-    steps = scheduler.log_snr[timesteps].diff()
-    assert (steps > 0).all() and steps.max() < 1.3 * steps.min()
 
 
 def test_guidance_applies_inside_its_interval_only_endpoints_included():
@@ -853,6 +853,11 @@ def test_img2img_strength_near_zero_keeps_the_image_and_one_ignores_it():
     assert (from_three - from_eight).abs().mean() < 0.1 * (three - eight).abs().mean()
 
 
+def test_faint_share_counts_pixels_between_2_and_25_percent_grey():
+    pixels = torch.tensor([0.0, 0.019, 0.02, 0.1, 0.25, 0.26, 0.5, 1.0]).reshape(1, 1, 2, 4)
+    assert vd.faint_share(pixels * 2 - 1) == pytest.approx(3 / 8)
+
+
 def test_frechet_distance_matches_the_gaussian_closed_form():
     torch.manual_seed(0)
     a = torch.randn(20000, 3)
@@ -1008,7 +1013,7 @@ def test_unconditional_run_keeps_an_early_guide_and_evaluates_with_and_without_i
             if line.strip().startswith("dpm")]
     autoguided = f"{vd.Config().autoguidance_scale:g}"
     assert [row[2] for row in rows] == ["1", autoguided]  # the model alone, then autoguided
-    assert all(row[4].endswith("%") for row in rows)  # the share of confident samples
+    assert all(row[5].endswith("%") for row in rows)  # the share of confident samples
 
 
 def test_sample_without_label_draws_one_row_per_digit(trained, tmp_path):
@@ -1023,7 +1028,8 @@ def test_evaluate_prints_accuracy_and_distance_table(trained, tiny_mnist, capsys
     rows = [line.split() for line in capsys.readouterr().out.splitlines()
             if line.strip().startswith("ddim")]
     assert [row[2] for row in rows] == ["0", "3"]
-    assert all(row[3].endswith("%") and float(row[-2]) >= 0 for row in rows)
+    assert all(row[3].endswith("%") and float(row[-3]) >= 0 for row in rows)
+    assert all(0 <= float(row[-2].rstrip("%")) <= 100 for row in rows)  # the faint share
 
 
 def expect_one_line_error(args, message, capsys, code=None):
