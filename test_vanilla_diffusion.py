@@ -7,6 +7,7 @@ fails by chance about once in 10⁶). Samplers are checked against a known answe
 denoiser of a data set that holds one image must bring every correct sampler to that image.
 """
 
+import ast
 import math
 import os
 import shutil
@@ -296,13 +297,13 @@ class ExactVelocity(torch.nn.Module):
 
 
 def sample_exact(scheduler, *, prediction="v", sampler="ddim", steps=20, clip=True, cond=False,
-                 strength=1.0, init=None, guidance_scale=2.0, batch=3, seed=0):
+                 strength=1.0, init=None, guidance_scale=2.0, batch=3, seed=0, eta=0.0):
     config = vd.Config(image_size=4, prediction=prediction, clip_x0=clip, cond=cond)
     model = ExactDenoiser(X_STAR, scheduler, prediction)
     labels = torch.arange(batch) % 10 if cond else None
     return vd.generate(model, scheduler, config, labels, shape=(batch, 1, 4, 4),
                        guidance_scale=guidance_scale, sampler=sampler, steps=steps,
-                       init_images=init, strength=strength,
+                       init_images=init, strength=strength, eta=eta,
                        generator=torch.Generator().manual_seed(seed))
 
 
@@ -319,11 +320,12 @@ def assert_lands_on_x_star(out):
 
 @given(sampler=st.sampled_from(["ddim", "dpm"]), steps=st.integers(1, 60),
        prediction=st.sampled_from(["eps", "v"]), clip=st.booleans(), cond=st.booleans(),
-       seed=st.integers(0, 2**16))
+       seed=st.integers(0, 2**16), eta=st.sampled_from([0.0, 0.5, 1.0]))
 def test_ddim_and_dpm_solver_with_the_exact_denoiser_land_on_the_data_point(
-        scheduler, sampler, steps, prediction, clip, cond, seed):
+        scheduler, sampler, steps, prediction, clip, cond, seed, eta):
+    eta = eta if sampler == "ddim" else 0.0  # DDIM's fresh noise: the data point stays the answer
     assert_lands_on_x_star(sample_exact(scheduler, prediction=prediction, sampler=sampler,
-                                        steps=steps, clip=clip, cond=cond, seed=seed))
+                                        steps=steps, clip=clip, cond=cond, seed=seed, eta=eta))
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
@@ -433,7 +435,8 @@ def test_guidance_applies_inside_its_interval_only_endpoints_included():
 
 def test_autoguidance_extrapolates_from_the_guide_like_cfg():
     config = tiny_config(cond=False)
-    model, guide = randomized(vd.build_network(config)), randomized(vd.build_network(config), seed=1)
+    model = randomized(vd.build_network(config))
+    guide = randomized(vd.build_network(config), seed=1)
     x, t = torch.randn(2, 1, 28, 28), torch.tensor([10.0, 900.0])
     strong, weak = model(x, t, None), guide(x, t, None)
     for w in (0.0, 1.0, 2.5):
@@ -447,6 +450,103 @@ def test_generate_records_one_frame_per_step(scheduler):
     vd.generate(ExactDenoiser(X_STAR, scheduler, "v"), scheduler, config, None,
                 shape=(1, 1, 4, 4), guidance_scale=1.0, sampler="ddim", steps=7, frames=frames)
     assert len(frames) == 7 and torch.allclose(frames[-1], X_STAR, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Classifier guidance (II.9)
+# ---------------------------------------------------------------------------------------------
+
+class LinearSoftmax(torch.nn.Module):
+    """Known in closed form: logits = W·x + b, so ∇_x log p(y | x) = W_y − Σ_k p_k·W_k."""
+
+    def __init__(self, pixels=16, seed=0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.weight = torch.nn.Parameter(torch.randn(10, pixels, generator=generator))
+        self.bias = torch.nn.Parameter(torch.randn(10, generator=generator))
+
+    def forward(self, x, t):
+        return x.flatten(1) @ self.weight.T + self.bias                   # [B, 10]
+
+
+def test_classifier_gradient_is_the_closed_form_gradient_of_log_softmax():
+    classifier = LinearSoftmax()
+    x, labels = torch.randn(5, 1, 4, 4), torch.tensor([0, 3, 3, 9, 1])
+    gradient = vd.classifier_gradient(classifier, x, torch.full((5,), 500.0), labels)
+    with torch.no_grad():
+        p = classifier(x, None).softmax(-1)                                  # [B, 10]
+        expected = classifier.weight[labels] - p @ classifier.weight         # W_y − Σ_k p_k W_k
+    close(gradient, expected.reshape(x.shape), 1e-5, 1e-5)
+
+
+@given(t=timesteps, scale=st.floats(0, 10))
+def test_classifier_guidance_shifts_the_score_as_its_formulas_say(scheduler, t, scale):
+    classifier, x = LinearSoftmax(), torch.randn(3, 1, 4, 4)
+    labels, pred_noise = torch.tensor([1, 2, 3]), torch.randn(3, 1, 4, 4)
+    guide = vd.ClassifierGuide(classifier, scheduler, labels, scale)
+    gradient = vd.classifier_gradient(classifier, x, torch.full((3,), float(t)), labels)
+    # ε̂ = ε − s·√(1−ᾱ_t)·g: the score −ε/√(1−ᾱ_t) moves by exactly s·g
+    guided = guide.noise(x, t, pred_noise)
+    score_shift = -(guided - pred_noise) / scheduler.sqrt_one_minus_alpha_bar[t]
+    close(score_shift, scale * gradient, 1e-4, 1e-4)
+    close(guide.mean_shift(x, t), scale * scheduler.betas[t] * gradient, 1e-7, 1e-5)  # s·σ_t²·g
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm"])
+def test_classifier_guidance_at_scale_0_is_the_unguided_sampler_and_otherwise_acts(
+        scheduler, sampler):
+    config = vd.Config(image_size=4, prediction="eps")
+    model = ExactDenoiser(X_STAR, scheduler, "eps")
+    labels = torch.tensor([4, 7])
+
+    def draw(**guidance):
+        return vd.generate(model, scheduler, config, labels, shape=(2, 1, 4, 4),
+                           guidance_scale=1.0, sampler=sampler, steps=5,
+                           generator=torch.Generator().manual_seed(0), **guidance)
+
+    unguided = draw()
+    assert torch.equal(draw(classifier=LinearSoftmax(), classifier_scale=0.0), unguided)
+    assert not torch.allclose(draw(classifier=LinearSoftmax(), classifier_scale=3.0), unguided)
+
+
+def test_ddpm_with_classifier_guidance_is_the_unguided_step_plus_the_mean_shift(scheduler):
+    classifier, t, labels = LinearSoftmax(), 600, torch.tensor([5, 6])
+    x_t, pred_noise = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    guide = vd.ClassifierGuide(classifier, scheduler, labels, 2.0)
+    loop = vd.ddpm_sampler(lambda x, step: pred_noise, scheduler, x_t, t,
+                           torch.Generator().manual_seed(3), clip_x0=False,
+                           mean_shift=guide.mean_shift)
+    unguided = scheduler.sample_prev_image_distribution(x_t, t, pred_noise,
+                                                        torch.Generator().manual_seed(3))
+    close(next(loop), unguided + guide.mean_shift(x_t, t), 1e-6)
+
+
+class RecordingClassifier(torch.nn.Module):
+    """Uniform logits (loss log 10), and a memory of what it was shown."""
+
+    def forward(self, x, t):
+        self.inputs = (x, t)
+        return torch.zeros(len(x), 10, requires_grad=True)
+
+
+def test_the_noisy_classifier_learns_from_noise_image_at_t_drawn_over_the_schedule(scheduler,
+                                                                                   monkeypatch):
+    seen, real_noise_image = {}, scheduler.noise_image
+
+    def spy(x0, t, noise=None):
+        seen["x0"], seen["t"] = x0, t
+        seen["x_t"] = real_noise_image(x0, t, noise)[0]
+        return seen["x_t"], noise
+
+    monkeypatch.setattr(scheduler, "noise_image", spy)
+    classifier = RecordingClassifier()
+    x0, labels = torch.rand(4000, 1, 2, 2) * 2 - 1, torch.randint(0, 10, (4000,))
+    loss, t = vd.noisy_classifier_loss(classifier, scheduler, x0, labels,
+                                       torch.Generator().manual_seed(0))
+    assert classifier.inputs[0] is seen["x_t"] and classifier.inputs[1] is seen["t"] is t
+    assert seen["x0"] is x0 and loss.item() == pytest.approx(math.log(10))
+    shares = torch.bincount(t // (T // 10), minlength=10).double() / len(t)  # t ~ U{0, …, T−1}
+    assert (shares - 0.1).abs().max() <= 5 * math.sqrt(0.1 * 0.9 / len(t))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -554,7 +654,8 @@ def test_patchify_then_unpatchify_is_the_identity(batch, patch, channels):
 @pytest.mark.parametrize("cond", [True, False])
 @pytest.mark.parametrize("conv_channels", [0, 8])
 def test_dit_output_shape_equals_input_shape(device, cond, conv_channels):
-    model = randomized(vd.build_network(tiny_config(cond=cond, conv_channels=conv_channels))).to(device)
+    config = tiny_config(cond=cond, conv_channels=conv_channels)
+    model = randomized(vd.build_network(config)).to(device)
     for batch in (1, 3):
         x = torch.randn(batch, 1, 28, 28, device=device)
         labels = torch.randint(0, 11, (batch,), device=device) if cond else None
@@ -838,7 +939,7 @@ def test_checkpoints_are_flushed_to_disk_before_the_atomic_rename(tmp_path, monk
 
 def test_img2img_strength_near_zero_keeps_the_image_and_one_ignores_it():
     config = tiny_config()
-    model = randomized(vd.build_network(config), std=0.05)  # outputs of order 1, like a trained model's
+    model = randomized(vd.build_network(config), std=0.05)  # outputs of order 1, as if trained
     scheduler = vd.NoiseScheduler(T)
     three, eight = synthetic_digits(10)[0][[3, 8]].split(1)
 
@@ -1057,6 +1158,11 @@ def expect_one_line_error(args, message, capsys, code=None):
     (["--output", "samples"], "must end in one of"),
     (["--gif", "/proc/nope/denoise.gif"], "cannot write into /proc/nope"),
     (["--gif", "denoise.png"], "must end in one of .gif"),
+    (["--classifier-scale", "nan"], "--classifier-scale: must be a number in [0, 100]"),
+    (["--classifier-scale", "inf"], "--classifier-scale: must be a number in [0, 100]"),
+    (["--eta", "0.5"], "--eta is DDIM's noise; add --sampler ddim"),
+    (["--eta", "2", "--sampler", "ddim"], "--eta: must be a number in [0, 1]"),
+    (["--sampler", "vanilla"], "needs a network that predicts ε"),
 ])
 def test_bad_sample_input_gives_one_clear_line_and_writes_nothing(trained, args, message,
                                                                    capsys, tmp_path,
@@ -1168,6 +1274,16 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(trained, capsys):
                           capsys)
 
 
+def test_the_files_read_without_sideways_scrolling_in_functions_of_a_screen():
+    for name in ("vanilla_diffusion.py", "test_vanilla_diffusion.py"):
+        lines = open(os.path.join(HERE, name), encoding="utf-8").read().splitlines()
+        assert [i + 1 for i, line in enumerate(lines) if len(line) > 100] == [], name
+    tree = ast.parse(open(os.path.join(HERE, "vanilla_diffusion.py"), encoding="utf-8").read())
+    sizes = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree)
+             if isinstance(node, ast.FunctionDef)}
+    assert {name: size for name, size in sizes.items() if size > 35} == {}
+
+
 def test_importing_the_module_prints_nothing():
     result = subprocess.run([sys.executable, "-c", "import vanilla_diffusion"], cwd=HERE,
                             capture_output=True, text=True)
@@ -1193,6 +1309,33 @@ def test_vanilla_trains_and_samples_exactly_part_one_from_the_command_line(
                           "--vanilla trains exactly Part I; --prediction", capsys, code=1)
     expect_one_line_error(["sample", "--ckpt", ckpt, "--label", "3", "--gif", "a.gif"],
                           "--gif is a Part II feature", capsys, code=1)
+
+
+def test_classifier_guidance_steers_an_unconditional_model_from_the_command_line(
+        tiny_mnist, tmp_path, capsys):
+    ckpt = train_tiny(tiny_mnist, tmp_path / "uncond", steps=2)
+    sample = ["sample", "--ckpt", ckpt, "--data-dir", tiny_mnist, "--steps", "3",
+              "--classifier-scale", "2"]
+    capsys.readouterr()
+    vd.main([*sample, "--label", "4", "--n", "4", "--output", str(tmp_path / "fours.png")])
+    out = capsys.readouterr().out
+    assert "training the noisy classifier" in out and "accuracy per tenth of t" in out
+    assert (tmp_path / "uncond" / "noisy_classifier.pt").is_file()
+    vd.main([*sample, "--n", "2", "--sampler", "ddim", "--eta", "1",
+             "--output", str(tmp_path / "all.png")])
+    assert "training" not in capsys.readouterr().out  # the cached classifier is reused
+    assert png_size(tmp_path / "fours.png") == (62, 62)
+    assert png_size(tmp_path / "all.png") == (2 + 2 * 30, 2 + 10 * 30)  # a row per digit
+    vd.main(["evaluate", "--ckpt", ckpt, "--data-dir", tiny_mnist, "--per-label", "2",
+             "--samplers", "ddim:3", "--guidance-scales", "1", "--classifier-scales", "0,2"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.strip().startswith("ddim")]
+    assert [row[3] for row in rows] == ["0", "2"] and all(row[4].endswith("%") for row in rows)
+    flow = train_tiny(tiny_mnist, tmp_path / "flow", "--objective", "flow", steps=1)
+    expect_one_line_error(["sample", "--ckpt", flow, "--classifier-scale", "1"],
+                          "--classifier-scale needs a DDPM checkpoint", capsys, code=1)
+    expect_one_line_error(["sample", "--ckpt", ckpt, "--label", "1"],
+                          "steer it with --classifier-scale", capsys, code=1)
 
 
 def test_flow_checkpoint_samples_with_euler_does_img2img_and_refuses_ddpm(tiny_mnist, tmp_path,

@@ -20,8 +20,8 @@ Part II — the upgrades the defaults use: each section says what it replaces in
 and its paper, and what it measurably buys (the numbers are in the README and docs/).
     II.1 conv stem and head     II.2 v-prediction          II.3 where t is drawn
     II.4 EMA of the weights     II.5 the clamped x0        II.6 DDIM
-    II.7 DPM-Solver++           II.8 guidance, generalised II.9 image-to-image
-    II.10 rectified flow
+    II.7 DPM-Solver++           II.8 guidance, generalised II.9 classifier guidance
+    II.10 image-to-image        II.11 rectified flow
 Part III — the tool; the lecture has ended: the training run around the step, checkpoints,
     sampling by name, evaluation, the command line.
 
@@ -38,6 +38,7 @@ Symbols used in the comments (paper → code):
 import argparse
 import copy
 import functools
+import itertools
 import math
 import os
 import signal
@@ -579,13 +580,15 @@ def clamp_prediction(scheduler, x_t, t, pred_noise):
     return x0, (x_t - sqrt_alpha_bar * x0) / sqrt_one_minus_alpha_bar
 
 
-def ddpm_sampler(denoise, scheduler, x, start_t, generator=None, clip_x0=True):
-    """Algorithm 2 from start_t down to 0; denoise(x, t) returns ε_θ(x_t, t), guided."""
+def ddpm_sampler(denoise, scheduler, x, start_t, generator=None, clip_x0=True, mean_shift=None):
+    """Algorithm 2 from start_t down to 0; denoise(x, t) returns ε_θ(x_t, t), guided;
+    mean_shift(x, t), if given, moves the step's mean (II.9's classifier guidance)."""
     for t in range(start_t, -1, -1):
         pred_noise = denoise(x, t)                                      # ε_θ(x_t, t)
         if clip_x0:
             pred_noise = clamp_prediction(scheduler, x, t, pred_noise)[1]
-        x = scheduler.sample_prev_image_distribution(x, t, pred_noise, generator)
+        shift = 0.0 if mean_shift is None else mean_shift(x, t)
+        x = scheduler.sample_prev_image_distribution(x, t, pred_noise, generator) + shift
         yield x                                                         # x_{t−1}
 
 
@@ -627,11 +630,11 @@ def sampling_timesteps(start_t, steps):
     return timesteps.round().long().unique_consecutive().tolist()
 
 
-def ddim_sampler(denoise, scheduler, x, timesteps, clip_x0=True):
-    """DDIM with η = 0 on the given timesteps; the last step lands on x0."""
+def ddim_sampler(denoise, scheduler, x, timesteps, clip_x0=True, eta=0.0, generator=None):
+    """DDIM on the given timesteps (η = 0: deterministic); the last step lands on x0."""
     for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
         pred_noise = denoise(x, t)                                      # ε_θ(x_t, t)
-        x = ddim_step(scheduler, x, t, t_prev, pred_noise, clip_x0=clip_x0)
+        x = ddim_step(scheduler, x, t, t_prev, pred_noise, eta, generator, clip_x0)
         yield x                                                         # x_{t_prev}
 
 
@@ -709,14 +712,79 @@ def guidance_at(t, num_timesteps, guidance_scale, interval):
 
 
 # ---------------------------------------------------------------------------------------------
-# II.9 Image-to-image (SDEdit, Meng et al. 2022)
+# II.9 Classifier guidance (Dhariwal & Nichol 2021), the method CFG replaced
+#   Replaces: I.6's ∅ branch. A separate classifier p_φ(y | x_t, t), trained on noised images,
+#   steers any model, an unconditional one too, along g = ∇_{x_t} log p_φ(y | x_t, t). Sampling
+#   p(x_t)·p_φ(y | x_t)^s adds s·g to the score ∇log p(x_t) = −ε/√(1−ᾱ_t), so for DDIM and
+#   DPM-Solver++ ε̂ = ε_θ − s·√(1−ᾱ_t)·g (their Algorithm 2); DDPM shifts the step's mean,
+#   μ → μ + s·σ_t²·g (Algorithm 1). CFG won: no second network, no gradient at every step
+#   (README: classifier guidance, in numbers).
+# ---------------------------------------------------------------------------------------------
+
+def conv_block(c_in, c_out):
+    return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(),
+            nn.MaxPool2d(2)]
+
+
+class NoisyClassifier(nn.Module):
+    """p_φ(y | x_t, t): three conv blocks (28 → 14 → 7 → 3), each told the timestep."""
+
+    def __init__(self, time_dim=64):
+        super().__init__()
+        channels = (1, 32, 64, 128)
+        self.blocks = nn.ModuleList(nn.Sequential(*conv_block(c_in, c_out))
+                                    for c_in, c_out in zip(channels, channels[1:]))
+        self.time = nn.ModuleList(nn.Linear(time_dim, c) for c in channels[1:])
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(128 * 3 * 3, 128), nn.ReLU(),
+                                  nn.Linear(128, NUM_CLASSES))
+        self.time_dim = time_dim
+
+    def forward(self, x_t, t):
+        time_emb = timestep_embedding(t, self.time_dim)                 # [B, 64]
+        h = x_t                                                         # [B, 1, 28, 28]
+        for block, time in zip(self.blocks, self.time):
+            h = block(h) + time(time_emb)[:, :, None, None]             # [B, C, H/2, W/2]
+        return self.head(h)                                             # [B, 10] logits
+
+
+def noisy_classifier_loss(classifier, scheduler, x0, labels, generator=None):
+    """Cross-entropy on x_t = noise_image(x0, t), t ~ U{0, …, T−1} as in I.5; and t [B]."""
+    t = torch.randint(0, scheduler.num_timesteps, (len(x0),), device=x0.device,
+                      generator=generator)
+    noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+    x_t, _ = scheduler.noise_image(x0, t, noise)
+    return F.cross_entropy(classifier(x_t, t), labels), t
+
+
+def classifier_gradient(classifier, x_t, t, labels):
+    """g = ∇_{x_t} log p_φ(y | x_t, t) [B, 1, 28, 28], by autograd through the classifier."""
+    with torch.enable_grad():
+        x_t = x_t.detach().requires_grad_(True)
+        log_probs = F.log_softmax(classifier(x_t, t), dim=-1)               # [B, 10]
+        chosen = log_probs[torch.arange(len(x_t)), labels].sum()           # Σ_b log p(y_b | x_b)
+        return torch.autograd.grad(chosen, x_t)[0]
+
+
+def classifier_guided_noise(scheduler, pred_noise, t, gradient, scale):
+    """DDIM and DPM-Solver++: ε̂ = ε_θ − s·√(1−ᾱ_t)·g."""
+    sqrt_one_minus_alpha_bar = per_sample(scheduler.sqrt_one_minus_alpha_bar, t, pred_noise)
+    return pred_noise - scale * sqrt_one_minus_alpha_bar * gradient
+
+
+def classifier_mean_shift(scheduler, t, gradient, scale):
+    """DDPM: the shift s·σ_t²·g of the reverse step's mean, with σ_t² = β_t."""
+    return scale * per_sample(scheduler.betas, t, gradient) * gradient
+
+
+# ---------------------------------------------------------------------------------------------
+# II.10 Image-to-image (SDEdit, Meng et al. 2022)
 #   Replaces: I.6's start from pure noise. The picture is noised with noise_image to
 #   t = strength·(T−1) and denoised from there: strength 1 forgets it, small strengths keep it.
 # ---------------------------------------------------------------------------------------------
 
 def noised_start(scheduler, config, init_images, strength, noise):
     """Image-to-image's starting point: the picture noised to t = strength·(T−1) (for a flow
-    model: moved to s = strength along the straight line of II.10)."""
+    model: moved to s = strength along the straight line of II.11)."""
     if config.objective == "flow":
         s = torch.full((len(init_images),), strength, device=init_images.device)
         return flow_interpolate(init_images, s, noise)                  # x_s = (1−s)·x0 + s·ε
@@ -725,7 +793,7 @@ def noised_start(scheduler, config, init_images, strength, noise):
 
 
 # ---------------------------------------------------------------------------------------------
-# II.10 Rectified flow (Liu et al. 2022; the logit-normal s of Esser et al. 2024)
+# II.11 Rectified flow (Liu et al. 2022; the logit-normal s of Esser et al. 2024)
 #   Replaces: the DDPM schedule and its curved path. The data x0 (s = 0) and the noise ε (s = 1)
 #   are joined by a straight line, the network learns its velocity v = ε − x0, and sampling
 #   integrates dx/ds = v_θ with Euler steps. The network reads s as t = s·(T−1).
@@ -846,15 +914,16 @@ class Denoiser:
     """What a Part II sampler asks the network: x and t in, the guided ε_θ(x_t, t) out.
 
     A v-network's output is turned into ε here (II.2), so every sampler uses the ε formulas;
-    guidance (II.8) applies inside its interval. For a flow model the output is the velocity
-    v_θ, and t = s·(T−1).
+    guidance (II.8) applies inside its interval, classifier guidance (II.9) as ε̂ if given.
+    For a flow model the output is the velocity v_θ, and t = s·(T−1).
     """
 
     def __init__(self, model, scheduler, config, labels, guidance_scale, negative_labels=None,
-                 guidance_interval=(0.0, 1.0), guide=None):
+                 guidance_interval=(0.0, 1.0), guide=None, classifier_guide=None):
         self.model, self.scheduler, self.config = model, scheduler, config
         self.labels, self.negative_labels, self.guide = labels, negative_labels, guide
         self.guidance_scale, self.guidance_interval = guidance_scale, guidance_interval
+        self.classifier_guide = classifier_guide
 
     def __call__(self, x, t):
         t_batch = torch.full((len(x),), float(t), device=x.device)     # [B]
@@ -862,43 +931,77 @@ class Denoiser:
         output = guided_prediction(self.model, x, t_batch, self.labels, w, self.negative_labels,
                                    self.guide)
         if self.config.objective == "eps" and self.config.prediction == "v":
-            return noise_from_velocity(self.scheduler, x, t, output)    # ε_θ from v_θ
+            output = noise_from_velocity(self.scheduler, x, t, output)  # ε_θ from v_θ
+        if self.classifier_guide is not None:
+            output = self.classifier_guide.noise(x, t, output)          # ε̂ = ε − s·√(1−ᾱ)·g
         return output
+
+
+class ClassifierGuide:
+    """II.9 for the samplers: g from the noisy classifier for the wanted labels, applied as ε̂
+    (DDIM, DPM-Solver++) or as a shift of DDPM's mean."""
+
+    def __init__(self, classifier, scheduler, labels, scale):
+        self.classifier, self.scheduler = classifier.eval(), scheduler
+        self.labels, self.scale = labels, scale
+
+    def gradient(self, x, t):
+        t_batch = torch.full((len(x),), float(t), device=x.device)     # [B]
+        return classifier_gradient(self.classifier, x, t_batch, self.labels)
+
+    def noise(self, x, t, pred_noise):
+        return classifier_guided_noise(self.scheduler, pred_noise, t, self.gradient(x, t),
+                                       self.scale)
+
+    def mean_shift(self, x, t):
+        return classifier_mean_shift(self.scheduler, t, self.gradient(x, t), self.scale)
 
 
 SAMPLERS = ("vanilla", "ddpm", "ddim", "dpm", "euler")
 
 
+def sampler_loop(sampler, denoise, scheduler, config, x, *, start_t, steps, strength,
+                 generator=None, eta=0.0, mean_shift=None):
+    """The loop of the named sampler (II.5–7, II.11), yielding x after every step."""
+    if sampler == "ddpm":
+        return ddpm_sampler(denoise, scheduler, x, start_t, generator, config.clip_x0,
+                            mean_shift)
+    if sampler == "ddim":
+        timesteps = sampling_timesteps(start_t, steps)
+        return ddim_sampler(denoise, scheduler, x, timesteps, config.clip_x0, eta, generator)
+    if sampler == "dpm":
+        timesteps = sampling_timesteps(start_t, steps)
+        return dpm_solver_sampler(denoise, scheduler, x, timesteps, config.clip_x0)
+    s_grid = torch.linspace(strength, 0, steps + 1).tolist()
+    return euler_sampler(denoise, x, s_grid, config.num_timesteps)
+
+
 @torch.no_grad()
 def generate(model, scheduler, config, labels, *, shape, guidance_scale, sampler, steps,
              negative_labels=None, init_images=None, strength=1.0, generator=None, frames=None,
-             guidance_interval=None, guide=None):
-    """Draw images from noise (or from a noised init image): [B, 1, 28, 28] in [−1, 1].
-    "vanilla" is Part I's loop as it stands; the others run through a Denoiser. frames, if a
-    list, receives x after every step (for the animation)."""
+             guidance_interval=None, guide=None, eta=0.0, classifier=None, classifier_scale=0.0):
+    """Draw images of `labels` from noise (or from a noised init image): [B, 1, 28, 28] in
+    [−1, 1]. "vanilla" is Part I's loop as it stands; the others run through a Denoiser.
+    frames, if a list, receives x after every step (for the animation)."""
     if sampler == "vanilla":
         return sample_ddpm_cfg(model, scheduler, labels, guidance_scale, shape, generator)
     device = next(model.parameters()).device
     if guidance_interval is None:
         guidance_interval = (config.guidance_low, config.guidance_high)
-    denoise = Denoiser(model, scheduler, config, labels, guidance_scale, negative_labels,
-                       guidance_interval, guide)
+    classifier_guide = None
+    if classifier is not None and classifier_scale != 0:
+        classifier_guide = ClassifierGuide(classifier, scheduler, labels, classifier_scale)
+    denoise = Denoiser(model, scheduler, config, labels if config.cond else None,
+                       guidance_scale, negative_labels, guidance_interval, guide,
+                       None if sampler == "ddpm" else classifier_guide)
     x = gaussian_like(torch.empty(shape, device=device), generator)     # x_{T−1} ~ N(0, I)
     if init_images is not None:
         x = noised_start(scheduler, config, init_images, strength, x)
     start_t = round(strength * (config.num_timesteps - 1))
-    if sampler == "ddpm":
-        loop = ddpm_sampler(denoise, scheduler, x, start_t, generator, config.clip_x0)
-    elif sampler == "ddim":
-        timesteps = sampling_timesteps(start_t, steps)
-        loop = ddim_sampler(denoise, scheduler, x, timesteps, config.clip_x0)
-    elif sampler == "dpm":
-        timesteps = sampling_timesteps(start_t, steps)
-        loop = dpm_solver_sampler(denoise, scheduler, x, timesteps, config.clip_x0)
-    else:
-        s_grid = torch.linspace(strength, 0, steps + 1).tolist()
-        loop = euler_sampler(denoise, x, s_grid, config.num_timesteps)
-    for x in loop:
+    mean_shift = None if classifier_guide is None else classifier_guide.mean_shift
+    for x in sampler_loop(sampler, denoise, scheduler, config, x, start_t=start_t, steps=steps,
+                          strength=strength, generator=generator, eta=eta,
+                          mean_shift=mean_shift):
         if frames is not None:
             frames.append(x)
     return x
@@ -1066,7 +1169,7 @@ def load_model(path, device):
 
 def training_loss(model, scheduler, x0, labels, config, generator=None):
     """The loss the config asks for: per image [B], and each image's noise level in [0, 1) [B].
-    --vanilla: I.5's ddpm_loss; otherwise II.3's denoising_loss, or II.10's flow loss."""
+    --vanilla: I.5's ddpm_loss; otherwise II.3's denoising_loss, or II.11's flow loss."""
     labels = labels if config.cond else None  # the unconditional model never sees a label
     if config.vanilla:
         per_image, t = ddpm_loss(model, scheduler, x0, labels, config.label_drop, generator)
@@ -1265,11 +1368,6 @@ def train(config, images, labels, *, out_dir, total_steps, seed=0, checkpoint=No
 #     distance to real digits (the FID formula of Heusel et al. 2017, with an MNIST network).
 # ---------------------------------------------------------------------------------------------
 
-def conv_block(c_in, c_out):
-    return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(),
-            nn.MaxPool2d(2)]
-
-
 class Classifier(nn.Module):
     """A small CNN for MNIST (> 99% test accuracy after two epochs); features() is its 128-d
     penultimate layer."""
@@ -1297,43 +1395,89 @@ def classify(classifier, images, batch_size=1000):
     return classifier.head(features).softmax(dim=1), features
 
 
-def train_classifier(data_dir, device, epochs=2, batch_size=128):
-    """The judge: two epochs of Adam with a one-cycle schedule (about a minute on 2 cores)."""
-    images, labels = read_mnist(data_dir, train=True, device=device)
-    torch.manual_seed(0)
-    classifier = Classifier().to(device)
+def fit_classifier(classifier, loss_fn, images, labels, epochs, batch_size=128):
+    """Adam with a one-cycle schedule on random batches; loss_fn(classifier, x, y) → the loss.
+    A progress line every few seconds."""
     optimizer = torch.optim.Adam(classifier.parameters(), lr=2e-3)
     steps = epochs * (len(images) // batch_size)
     lr_decay = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
     classifier.train()
-    for _ in range(steps):
-        batch = torch.randint(0, len(images), (batch_size,), device=device)
-        loss = F.cross_entropy(classifier(images[batch]), labels[batch])
+    started = last_print = time.time()
+    for step in range(1, steps + 1):
+        batch = torch.randint(0, len(images), (batch_size,), device=images.device)
+        loss = loss_fn(classifier, images[batch], labels[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         lr_decay.step()
-    return classifier
+        if time.time() - last_print > 5 or step == steps:
+            eta = (time.time() - started) / step * (steps - step)
+            print(f"  classifier step {step}/{steps}  loss {loss.item():.4f}  "
+                  f"ETA {format_seconds(eta)}", flush=True)
+            last_print = time.time()
+    return classifier.eval()
 
 
-def get_classifier(path, data_dir, device):
-    """The classifier cached at `path`, or a new one, trained, tested and cached there."""
-    classifier = Classifier().to(device)
+def cached_classifier(path, classifier, train_it):
+    """`classifier` with the weights cached at `path`; where none can be read, train_it trains
+    it (and reports on it), and it is cached there."""
     if os.path.isfile(path):
         try:
-            classifier.load_state_dict(torch.load(path, map_location=device, weights_only=True))
-            return classifier
+            classifier.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return classifier.eval()
         except Exception:  # a damaged cache is only a cache: train a new one
             print(f"could not read the cached classifier {path}; training a new one", flush=True)
-    classifier = train_classifier(data_dir, device)
-    test_images, test_labels = read_mnist(data_dir, train=False, device=device)
-    accuracy = (classify(classifier, test_images)[0].argmax(1) == test_labels).float().mean()
-    print(f"classifier trained: {accuracy.item():.2%} on the 10,000 MNIST test images", flush=True)
+    train_it(classifier)
     try:
         durable_save(classifier.state_dict(), path)
     except OSError as error:  # a cache we cannot write costs a minute next time, nothing more
         print(f"could not cache the classifier at {path} ({error.strerror})", flush=True)
-    return classifier
+    return classifier.eval()
+
+
+def get_classifier(path, data_dir, device):
+    """The judge (two epochs, about a minute on 2 cores), cached at `path`."""
+    def train_it(classifier):
+        print(f"training the evaluation classifier (cached at {path})", flush=True)
+        images, labels = read_mnist(data_dir, train=True, device=device)
+        cross_entropy = lambda net, x, y: F.cross_entropy(net(x), y)
+        fit_classifier(classifier, cross_entropy, images, labels, epochs=2)
+        test_images, test_labels = read_mnist(data_dir, train=False, device=device)
+        accuracy = (classify(classifier, test_images)[0].argmax(1) == test_labels).float().mean()
+        print(f"classifier trained: {accuracy.item():.2%} on the 10,000 MNIST test images")
+
+    torch.manual_seed(0)
+    return cached_classifier(path, Classifier().to(device), train_it)
+
+
+@torch.no_grad()
+def accuracy_per_tenth_of_t(classifier, scheduler, images, labels):
+    """The noisy classifier's accuracy on images noised to a t in each tenth of [0, T)."""
+    T, generator = scheduler.num_timesteps, torch.Generator().manual_seed(0)
+    accuracies = []
+    for tenth in range(10):
+        t = torch.randint(tenth * T // 10, (tenth + 1) * T // 10, (len(images),),
+                          generator=generator).to(images.device)
+        x_t, _ = scheduler.noise_image(images, t, gaussian_like(images, generator))
+        accuracies.append((classifier(x_t, t).argmax(1) == labels).float().mean().item())
+    return accuracies
+
+
+def get_noisy_classifier(path, scheduler, data_dir, device):
+    """II.9's p_φ(y | x_t, t), trained once on noise_image of MNIST and cached at `path`."""
+    def train_it(classifier):
+        print(f"training the noisy classifier of classifier guidance (cached at {path})")
+        images, labels = read_mnist(data_dir, train=True, device=device)
+        loss = lambda net, x, y: noisy_classifier_loss(net, scheduler, x, y)[0]
+        fit_classifier(classifier, loss, images, labels, epochs=3)
+        test_images, test_labels = read_mnist(data_dir, train=False, device=device)
+        accuracies = accuracy_per_tenth_of_t(classifier.eval(), scheduler, test_images[:2000],
+                                             test_labels[:2000])
+        print("noisy classifier: accuracy per tenth of t (low noise → high noise): "
+              + " ".join(f"{accuracy:.0%}" for accuracy in accuracies), flush=True)
+
+    torch.manual_seed(0)
+    return cached_classifier(path, NoisyClassifier().to(device), train_it)
 
 
 def frechet_distance(features_a, features_b):
@@ -1384,54 +1528,62 @@ def judge_samples(classifier, samples, labels, test_features):
     return row
 
 
-def print_row(sampler, steps, guidance_scale, row, seconds):
+def print_row(setting, row, seconds):
+    """setting: the sampler, steps, w (and s) columns, already formatted."""
     if "accuracy" in row:
-        print(f"{sampler:>10} {steps:>5} {guidance_scale:>5g} {row['accuracy']:>9.1%} "
-              f"{row['worst']:>12} {row['distance']:>9.2f} {row['faint']:>6.1%} "
-              f"{seconds:>8.3f}", flush=True)
+        print(f"{setting} {row['accuracy']:>9.1%} {row['worst']:>12} {row['distance']:>9.2f} "
+              f"{row['faint']:>6.1%} {seconds:>8.3f}", flush=True)
     else:
         shares = " ".join(f"{share:.0%}" for share in row["shares"].tolist())
-        print(f"{sampler:>10} {steps:>5} {guidance_scale:>5g} {row['distance']:>9.2f} "
-              f"{row['faint']:>6.1%} {row['confident']:>10.1%} {seconds:>8.3f}  {shares}",
-              flush=True)
+        print(f"{setting} {row['distance']:>9.2f} {row['faint']:>6.1%} {row['confident']:>10.1%} "
+              f"{seconds:>8.3f}  {shares}", flush=True)
 
 
-def print_header(cond):
-    if cond:
-        print(f"{'sampler':>10} {'steps':>5} {'w':>5} {'accuracy':>9} {'worst digit':>12} "
-              f"{'distance':>9} {'faint':>6} {'s/image':>8}")
+def print_header(labelled, classifier_guided):
+    setting = f"{'sampler':>10} {'steps':>5} {'w':>5}" + (f" {'s':>4}" if classifier_guided else "")
+    if labelled:
+        print(f"{setting} {'accuracy':>9} {'worst digit':>12} {'distance':>9} {'faint':>6} "
+              f"{'s/image':>8}")
     else:
-        print(f"{'sampler':>10} {'steps':>5} {'w':>5} {'distance':>9} {'faint':>6} "
-              f"{'confident':>10} {'s/image':>8}  share of each predicted digit 0-9")
+        print(f"{setting} {'distance':>9} {'faint':>6} {'confident':>10} {'s/image':>8}  "
+              f"share of each predicted digit 0-9")
 
 
-def evaluate(model, scheduler, config, classifier, data_dir, *, settings, guidance_scales,
-             per_label, batch_size, seed, guidance_interval=None, guide=None):
-    """For each (sampler, steps) and each w: draw per_label samples of every digit, judge them."""
-    device = next(model.parameters()).device
+def real_data_reference(classifier, data_dir, count, seed, device):
+    """The test set's features, and the floor: as many real training images, judged alike."""
     test_features = classify(classifier, read_mnist(data_dir, train=False, device=device)[0])[1]
     train_images = read_mnist(data_dir, train=True, device=device)[0]
-    count = per_label * NUM_CLASSES
     pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))
     real = train_images[pick[:count]]
     floor = frechet_distance(classify(classifier, real)[1], test_features)
     print(f"{count} real training images against the test set (the floor): distance "
           f"{floor:.2f}, faint pixels {faint_share(real):.1%}")
+    return test_features
+
+
+def evaluate(model, scheduler, config, classifier, data_dir, *, settings, guidance_scales,
+             per_label, batch_size, seed, guidance_interval=None, guide=None,
+             noisy_classifier=None, classifier_scales=None):
+    """For each (sampler, steps), each w and each s of classifier guidance: draw per_label
+    samples of every digit, judge them."""
+    device = next(model.parameters()).device
+    count = per_label * NUM_CLASSES
+    test_features = real_data_reference(classifier, data_dir, count, seed, device)
     labels = None
-    if config.cond:  # per_label of each digit, in order
+    if config.cond or classifier_scales:  # per_label of each digit, in order
         labels = torch.arange(NUM_CLASSES, device=device).repeat_interleave(per_label)
-    print_header(config.cond)
-    for sampler, steps in settings:
-        for guidance_scale in guidance_scales:
-            started = time.time()
-            samples = draw_in_batches(model, scheduler, config, labels, count, batch_size,
-                                      guidance_scale=guidance_scale, sampler=sampler,
-                                      steps=steps, guidance_interval=guidance_interval,
-                                      guide=guide,
-                                      generator=torch.Generator().manual_seed(seed))
-            seconds = (time.time() - started) / count
-            row = judge_samples(classifier, samples, labels, test_features)
-            print_row(sampler, steps, guidance_scale, row, seconds)
+    print_header(labels is not None, classifier_scales is not None)
+    for (sampler, steps), w, s in itertools.product(settings, guidance_scales,
+                                                     classifier_scales or [0.0]):
+        started = time.time()
+        samples = draw_in_batches(model, scheduler, config, labels, count, batch_size,
+                                  guidance_scale=w, sampler=sampler, steps=steps,
+                                  guidance_interval=guidance_interval, guide=guide,
+                                  classifier=noisy_classifier, classifier_scale=s,
+                                  generator=torch.Generator().manual_seed(seed))
+        seconds = (time.time() - started) / count
+        setting = f"{sampler:>10} {steps:>5} {w:>5g}" + (f" {s:>4g}" if classifier_scales else "")
+        print_row(setting, judge_samples(classifier, samples, labels, test_features), seconds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1591,6 +1743,11 @@ def add_sample_flags(parser, defaults=Config()):
     add("--init-image", default=None, help="image-to-image: start from this picture")
     add("--strength", type=number_in(0, 1, low_open=True), default=0.6,
         help="image-to-image: how far to noise the picture, in (0, 1] (default: 0.6)")
+    add("--eta", type=number_in(0, 1), default=None,
+        help="DDIM's η in [0, 1]: 0 deterministic, 1 as much fresh noise as DDPM (ddim only)")
+    add("--classifier-scale", type=number_in(0, 100), default=0.0,
+        help="s of classifier guidance (II.9), also for an unconditional model with --label; "
+             "trains a noisy classifier next to the checkpoint the first time (default: 0, off)")
     add("--output", default="samples.png", help="picture to write (default: samples.png)")
     add("--gif", default=None, help="also write the denoising as an animated GIF here")
 
@@ -1605,6 +1762,9 @@ def add_evaluate_flags(parser):
         help="LO,HI: guide only where t/(T−1) lies in [LO, HI] (default: the checkpoint's)")
     add("--samplers", default=None,
         help="comma-separated sampler:steps, e.g. ddim:20,ddpm (default: the checkpoint's)")
+    add("--classifier-scales", type=finite_numbers, default=None,
+        help="comma-separated s of classifier guidance (II.9), a row each, every digit drawn "
+             "(also from an unconditional model); default: none")
     add("--per-label", type=positive_int, default=100, help="samples of each digit (default: 100)")
     add("--batch-size", type=positive_int, default=500, help="images drawn at once (default: 500)")
 
@@ -1766,8 +1926,9 @@ def command_train(args):
     kind = "conditional" if config.cond else "unconditional"
     kind = f"{kind} Part I (vanilla)" if config.vanilla else kind
     size = count_parameters(build_network(config)) / 1e6
-    print(f"{kind} DiT, {size:.2f} M parameters, objective {config.objective}, {len(images)} images, {total_steps} steps of {config.batch_size} "
-          f"on {device}", flush=True)
+    print(f"{kind} DiT, {size:.2f} M parameters, objective {config.objective}, "
+          f"{len(images)} images, {total_steps} steps of {config.batch_size} on {device}",
+          flush=True)
     started = time.time()
     run = train(config, images, labels, out_dir=args.out_dir, total_steps=total_steps,
                 seed=seed, checkpoint=checkpoint)
@@ -1781,25 +1942,36 @@ def command_train(args):
 
 def sample_labels(args, config, device):
     """The labels to draw and the grid's row length."""
-    if not config.cond:
+    if not (config.cond or args.classifier_scale):  # nothing can be told which digit to draw
         return None, math.ceil(math.sqrt(args.n))
-    if args.label is None:  # a conditional model with no --label: one row per digit
+    if args.label is None:  # a label-guided model with no --label: one row per digit
         return torch.arange(NUM_CLASSES, device=device).repeat_interleave(args.n), args.n
     return torch.full((args.n,), args.label, device=device), math.ceil(math.sqrt(args.n))
 
 
+def check_classifier_guidance(args, config, sampler):
+    if args.label is not None and not (config.cond or args.classifier_scale):
+        raise UserError(f"{args.ckpt} is an unconditional model; drop --label, or steer it "
+                        f"with --classifier-scale (classifier guidance)")
+    if args.classifier_scale and config.objective == "flow":
+        raise UserError("--classifier-scale needs a DDPM checkpoint: its classifier reads "
+                        "noise_image's x_t, not a flow model's x_s")
+    if args.eta is not None and sampler != "ddim":
+        raise UserError(f"--eta is DDIM's noise; add --sampler ddim (this is {sampler})")
+
+
 def check_sample_flags(args, config, sampler, steps):
-    if args.label is not None and not config.cond:
-        raise UserError(f"{args.ckpt} is an unconditional model; drop --label "
-                        f"(or train one with `train --cond`)")
+    check_classifier_guidance(args, config, sampler)
     if args.negative_label is not None and (not config.cond or args.label is None):
         raise UserError("--negative-label needs a conditional checkpoint and a --label")
-    if args.guidance_scale and len(args.guidance_scale) > 1 and config.cond and args.label is None:
+    several = args.guidance_scale and len(args.guidance_scale) > 1
+    if several and (config.cond or args.classifier_scale) and args.label is None:
         raise UserError("several --guidance-scale values draw one row per scale; "
                         "give a --label too")
     check_sampler(sampler, steps, config)
     part_two = {"--negative-label": args.negative_label is not None, "--gif": args.gif,
-                "--init-image": args.init_image, "--guidance-interval": args.guidance_interval}
+                "--init-image": args.init_image, "--guidance-interval": args.guidance_interval,
+                "--classifier-scale": args.classifier_scale}
     for flag, given in part_two.items():
         if sampler == "vanilla" and given:
             raise UserError(f"{flag} is a Part II feature; Part I's loop (--sampler vanilla) "
@@ -1809,10 +1981,17 @@ def check_sample_flags(args, config, sampler, steps):
         check_picture_path(args.gif, "--gif", [".gif"])
 
 
+def noisy_classifier_for(ckpt, scale, scheduler, data_dir, device):
+    """The noisy classifier cached beside the checkpoint, if classifier guidance is asked for."""
+    if not scale:
+        return None
+    path = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "noisy_classifier.pt")
+    return get_noisy_classifier(path, scheduler, data_dir, device)
+
+
 def command_sample(args):
     device = pick_device(args.device)
     model, scheduler, config, state = load_model(args.ckpt, device)
-    guide = None if config.cond else load_guide(state, config, device)
     sampler = args.sampler or default_sampler(config)
     steps = args.steps or default_steps(sampler, config)
     check_sample_flags(args, config, sampler, steps)
@@ -1823,16 +2002,19 @@ def command_sample(args):
     if args.init_image:
         init = load_init_image(args.init_image, config.image_size).to(device)
         init, strength = init.expand(count, -1, -1, -1), args.strength
+    sampling = dict(sampler=sampler, steps=steps, negative_labels=negative, init_images=init,
+                    strength=strength, guidance_interval=args.guidance_interval,
+                    guide=None if config.cond else load_guide(state, config, device),
+                    eta=args.eta or 0.0, classifier_scale=args.classifier_scale,
+                    classifier=noisy_classifier_for(args.ckpt, args.classifier_scale, scheduler,
+                                                    args.data_dir, device))
     scales = args.guidance_scale or [default_guidance_scale(config)]
     rows, frames = [], []
     for guidance_scale in scales:  # one seed for every scale: each column starts from one noise
         frames.append([] if args.gif else None)
         rows.append(generate(model, scheduler, config, labels, shape=(count, 1, 28, 28),
-                             guidance_scale=guidance_scale, sampler=sampler, steps=steps,
-                             negative_labels=negative, init_images=init, strength=strength,
-                             guidance_interval=args.guidance_interval, guide=guide,
-                             generator=torch.Generator().manual_seed(args.seed),
-                             frames=frames[-1]))
+                             guidance_scale=guidance_scale, frames=frames[-1],
+                             generator=torch.Generator().manual_seed(args.seed), **sampling))
     nrow = nrow if len(scales) == 1 else args.n
     save_grid(torch.cat(rows), args.output, nrow=nrow)
     print(f"wrote {args.output} ({count * len(scales)} images, {sampler} with {steps} steps)")
@@ -1860,8 +2042,13 @@ def command_evaluate(args):
     model, scheduler, config, state = load_model(args.ckpt, device)
     default = f"{default_sampler(config)}:{config.sample_steps}"
     settings = parse_sampler_settings(args.samplers or default, config)
+    part_one_loop = any(name == "vanilla" for name, _ in settings)
+    if args.classifier_scales and (config.objective == "flow" or part_one_loop):
+        raise UserError("--classifier-scales needs a DDPM checkpoint and a Part II sampler")
     folder = os.path.dirname(os.path.abspath(args.ckpt))
     classifier = get_classifier(os.path.join(folder, "mnist_classifier.pt"), args.data_dir, device)
+    noisy_classifier = noisy_classifier_for(args.ckpt, any(args.classifier_scales or []),
+                                            scheduler, args.data_dir, device)
     guidance_interval = args.guidance_interval or (config.guidance_low, config.guidance_high)
     guide = None if config.cond else load_guide(state, config, device)
     scales = args.guidance_scales or [0.0, 1.0, 2.0, 3.0, 5.0]
@@ -1872,7 +2059,8 @@ def command_evaluate(args):
           f"[{guidance_interval[0]:g}, {guidance_interval[1]:g}]")
     evaluate(model, scheduler, config, classifier, args.data_dir, settings=settings,
              guidance_scales=scales, per_label=args.per_label, batch_size=args.batch_size,
-             seed=args.seed, guidance_interval=guidance_interval, guide=guide)
+             seed=args.seed, guidance_interval=guidance_interval, guide=guide,
+             noisy_classifier=noisy_classifier, classifier_scales=args.classifier_scales)
 
 
 def main(argv=None):
