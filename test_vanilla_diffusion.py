@@ -579,6 +579,39 @@ def test_flow_training_target_is_noise_minus_x0():
     close(per_image, (noise - x0).pow(2).mean(dim=(1, 2, 3)), 1e-4, 1e-4)
 
 
+class ExactFlowVelocity(torch.nn.Module):
+    """Knows the clean batch x0, so it outputs the true velocity ε − x0 = (x_s − x0)/s."""
+
+    def __init__(self, x0):
+        super().__init__()
+        self.x0 = x0
+
+    def forward(self, x, t, labels=None):
+        s = (t / (T - 1)).reshape(-1, 1, 1, 1)
+        return (x - self.x0) / s
+
+
+def test_flow_loss_of_the_true_velocity_is_zero():
+    config = vd.Config(objective="flow", cond=False)
+    x0 = torch.rand(64, 1, 4, 4) * 2 - 1
+    per_image, _ = vd.training_loss(ExactFlowVelocity(x0), None, x0, None, config,
+                                    torch.Generator().manual_seed(0))
+    assert per_image.max().item() < 1e-6  # the target is ε − x0, not x0 − ε
+
+
+def test_ddim_eta_adds_fresh_noise_and_eta_0_is_deterministic(scheduler):
+    config = tiny_config(prediction="eps")
+    model, noise = randomized(vd.build_network(config), std=0.05), torch.randn(2, 1, 28, 28)
+
+    def draw(eta, seed):
+        return vd.generate(model, scheduler, config, torch.tensor([1, 2]), shape=noise.shape,
+                           guidance_scale=1.0, sampler="ddim", steps=5, eta=eta, noise=noise,
+                           generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(draw(0.0, 1), draw(0.0, 2))
+    assert not torch.allclose(draw(1.0, 1), draw(1.0, 2))
+
+
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 @pytest.mark.parametrize("gamma", [0.0, 5.0])
 def test_training_loss_weights_match_their_closed_forms(scheduler, prediction, gamma):
@@ -969,6 +1002,72 @@ def test_frechet_distance_matches_the_gaussian_closed_form():
 
 
 # ---------------------------------------------------------------------------------------------
+# The math behind `show`'s pictures
+# ---------------------------------------------------------------------------------------------
+
+def test_the_guess_row_is_predict_x0_of_noise_image(scheduler):
+    config = tiny_config(prediction="eps")
+    model = randomized(vd.build_network(config), std=0.05)
+    x0, labels = synthetic_digits(3)[0], torch.tensor([1, 2, 3])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    noisy, guesses = vd.guesses_at(model, scheduler, config, x0, labels, (0, 400, 999), noise)
+    for k, t in enumerate((0, 400, 999)):
+        x_t = scheduler.noise_image(x0, t, noise)[0]
+        pred_noise = model(x_t, torch.full((3,), float(t)), labels)
+        close(noisy[k], x_t, 0)
+        close(guesses[k], vd.predict_x0(scheduler, x_t, t, pred_noise).clamp(-1, 1), 1e-6)
+
+
+def test_nearest_neighbours_agree_with_a_brute_force_search():
+    generator = torch.Generator().manual_seed(0)
+    queries, references = torch.rand(5, 1, 3, 3, generator=generator), torch.rand(40, 1, 3, 3)
+    distances, indices = vd.nearest_neighbours(queries * 2 - 1, references * 2 - 1, k=3)
+    for q in range(5):
+        brute = sorted((((queries[q] - r) ** 2).sum().sqrt().item(), i)
+                       for i, r in enumerate(references))[:3]
+        assert indices[q].tolist() == [i for _, i in brute]
+        close(distances[q], torch.tensor([d for d, _ in brute]), 1e-5)
+
+
+def test_the_sampler_rows_share_one_noise_and_end_with_ddpm_over_all_t(scheduler, monkeypatch):
+    config = vd.Config(image_size=4, prediction="eps")
+    noise, calls, real_generate = torch.randn(2, 1, 4, 4), [], vd.generate
+    monkeypatch.setattr(vd, "generate", lambda *a, **k: calls.append(k) or real_generate(*a, **k))
+    rows = vd.sampler_rows(ExactDenoiser(X_STAR, scheduler, "eps"), scheduler, config, None,
+                           1.0, None, noise, (1, 3))
+    assert [(k["sampler"], k["steps"]) for k in calls] == [
+        ("ddim", 1), ("ddim", 3), ("dpm", 1), ("dpm", 3), ("ddpm", T)]
+    assert all(k["noise"] is noise for k in calls) and list(rows) == ["ddim", "dpm", "ddpm"]
+
+
+def test_the_label_map_is_the_share_of_attention_on_the_label_tokens():
+    config = tiny_config()
+    model = randomized(vd.build_network(config))
+    x, labels, weights = torch.randn(2, 1, 28, 28), torch.tensor([3, 8]), []
+    for block in model.blocks:
+        block.cross_attn.register_forward_hook(lambda attention, inputs, output: weights.append(
+            attention.attention_weights(*inputs)))
+    share = vd.label_attention(model, x, 500, labels)                     # [B, 7, 7]
+    weights = torch.stack(weights)                                       # [depth, B, h, N, M]
+    close(weights.sum(-1), torch.ones_like(weights.sum(-1)), 1e-5)       # a softmax over keys
+    timestep_share = weights[..., -1].mean(dim=(0, 2)).reshape(2, 7, 7)  # the last key: time
+    close(share, 1 - timestep_share, 1e-5)
+    assert share.std() > 1e-3  # patches differ
+
+
+def test_the_guidance_map_is_zero_where_w_is_1_and_w_minus_1_times_the_gap_inside(scheduler):
+    config = tiny_config(prediction="eps", guidance_low=0.0, guidance_high=0.5)
+    model = randomized(vd.build_network(config), std=0.05)
+    x, labels = torch.randn(2, 1, 28, 28), torch.tensor([3, 8])
+    outside = vd.guidance_push(model, scheduler, config, x, 900, labels, 3.0)
+    assert torch.equal(outside, torch.zeros_like(outside))
+    t = torch.full((2,), 300.0)
+    gap = model(x, t, labels) - model(x, t, torch.full_like(labels, vd.NULL_LABEL))
+    inside = vd.guidance_push(model, scheduler, config, x, 300, labels, 3.0)
+    close(inside, (2 * gap).abs()[:, 0], 1e-5, 1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
 # The command line, driven as a user would, on a tiny MNIST written in the real file format
 # ---------------------------------------------------------------------------------------------
 
@@ -1336,6 +1435,28 @@ def test_classifier_guidance_steers_an_unconditional_model_from_the_command_line
                           "--classifier-scale needs a DDPM checkpoint", capsys, code=1)
     expect_one_line_error(["sample", "--ckpt", ckpt, "--label", "1"],
                           "steer it with --classifier-scale", capsys, code=1)
+
+
+SHOW_FILES = ["1_what_it_sees.png", "2_coarse_to_fine.gif", "2_coarse_to_fine.png",
+              "3_where_the_label_acts.png", "4_few_steps.png", "5_is_it_copying.png"]
+
+
+def test_show_draws_every_picture_that_applies_to_each_kind_of_checkpoint(
+        trained, tiny_mnist, tmp_path, capsys):
+    uncond = train_tiny(tiny_mnist, tmp_path / "uncond", steps=8)   # with a guide
+    flow = train_tiny(tiny_mnist, tmp_path / "flow", "--cond", "--objective", "flow")
+    for name, ckpt in (("cond", trained), ("uncond", uncond), ("flow", flow)):
+        vd.main(["show", "--ckpt", ckpt, "--data-dir", tiny_mnist, "--out-dir",
+                 str(tmp_path / f"{name}_pictures"), "--device", "cpu"])
+        assert sorted(os.listdir(tmp_path / f"{name}_pictures")) == SHOW_FILES, name
+    assert "wrote 6 pictures" in capsys.readouterr().out
+    expect_one_line_error(["show", "--ckpt", uncond, "--label", "3", "--out-dir",
+                           str(tmp_path / "no")], "its pictures take no --label", capsys, code=1)
+    expect_one_line_error(["show", "--ckpt", str(tmp_path / "none.pt"), "--out-dir",
+                           str(tmp_path / "no")], "no checkpoint at", capsys, code=1)
+    expect_one_line_error(["show", "--ckpt", trained, "--out-dir", "/proc/nope"],
+                          "--out-dir: cannot write into /proc/nope", capsys, code=1)
+    assert not (tmp_path / "no").exists()
 
 
 def test_flow_checkpoint_samples_with_euler_does_img2img_and_refuses_ddpm(tiny_mnist, tmp_path,

@@ -888,9 +888,14 @@ def save_animation(frames, path, nrow, max_frames=60):
         grid = make_grid(to_pixels(frames[i].float().cpu()), nrow=nrow)  # [3, H, W] in [0, 1]
         grey = (grid[0] * 255).round().byte().numpy()
         pictures.append(Image.fromarray(grey, mode="L"))
+    save_gif(pictures, path)
+
+
+def save_gif(pictures, path, duration=80):
+    """PIL pictures as an animated GIF, the last one held a second."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     held = pictures[1:] + [pictures[-1]] * 10
-    pictures[0].save(path, save_all=True, append_images=held, duration=80, loop=0)
+    pictures[0].save(path, save_all=True, append_images=held, duration=duration, loop=0)
 
 
 def load_init_image(path, size):
@@ -910,6 +915,14 @@ def load_init_image(path, size):
 # III.2 Sampling by name: the samplers of Parts I and II behind one function, generate()
 # ---------------------------------------------------------------------------------------------
 
+def clean_guess(scheduler, config, x_t, t, output):
+    """The clean image an ε (or, for a flow model, a velocity) implies, clamped to [−1, 1]:
+    II.5's predict_x0, or x0 = x_s − s·v on II.11's straight line."""
+    if config.objective == "flow":
+        return (x_t - t / (config.num_timesteps - 1) * output).clamp(-1, 1)
+    return predict_x0(scheduler, x_t, t, output).clamp(-1, 1)
+
+
 class Denoiser:
     """What a Part II sampler asks the network: x and t in, the guided ε_θ(x_t, t) out.
 
@@ -919,11 +932,11 @@ class Denoiser:
     """
 
     def __init__(self, model, scheduler, config, labels, guidance_scale, negative_labels=None,
-                 guidance_interval=(0.0, 1.0), guide=None, classifier_guide=None):
+                 guidance_interval=(0.0, 1.0), guide=None, classifier_guide=None, record=None):
         self.model, self.scheduler, self.config = model, scheduler, config
         self.labels, self.negative_labels, self.guide = labels, negative_labels, guide
         self.guidance_scale, self.guidance_interval = guidance_scale, guidance_interval
-        self.classifier_guide = classifier_guide
+        self.classifier_guide, self.record = classifier_guide, record
 
     def __call__(self, x, t):
         t_batch = torch.full((len(x),), float(t), device=x.device)     # [B]
@@ -934,6 +947,8 @@ class Denoiser:
             output = noise_from_velocity(self.scheduler, x, t, output)  # ε_θ from v_θ
         if self.classifier_guide is not None:
             output = self.classifier_guide.noise(x, t, output)          # ε̂ = ε − s·√(1−ᾱ)·g
+        if self.record is not None:  # for `show`: x_t and the clean image the step aims at
+            self.record.append((t, x, clean_guess(self.scheduler, self.config, x, t, output)))
         return output
 
 
@@ -979,11 +994,13 @@ def sampler_loop(sampler, denoise, scheduler, config, x, *, start_t, steps, stre
 @torch.no_grad()
 def generate(model, scheduler, config, labels, *, shape, guidance_scale, sampler, steps,
              negative_labels=None, init_images=None, strength=1.0, generator=None, frames=None,
-             guidance_interval=None, guide=None, eta=0.0, classifier=None, classifier_scale=0.0):
+             guidance_interval=None, guide=None, eta=0.0, classifier=None, classifier_scale=0.0,
+             noise=None, record=None):
     """Draw images of `labels` from noise (or from a noised init image): [B, 1, 28, 28] in
     [−1, 1]. "vanilla" is Part I's loop as it stands; the others run through a Denoiser.
-    frames, if a list, receives x after every step (for the animation)."""
-    if sampler == "vanilla":
+    noise is x_{T−1} (drawn from the generator if None); frames, if a list, receives x after
+    every step; record, if a list, (t, x_t, guess of x0) at every network evaluation."""
+    if sampler == "vanilla":  # it draws its own noise, and records nothing
         return sample_ddpm_cfg(model, scheduler, labels, guidance_scale, shape, generator)
     device = next(model.parameters()).device
     if guidance_interval is None:
@@ -993,8 +1010,10 @@ def generate(model, scheduler, config, labels, *, shape, guidance_scale, sampler
         classifier_guide = ClassifierGuide(classifier, scheduler, labels, classifier_scale)
     denoise = Denoiser(model, scheduler, config, labels if config.cond else None,
                        guidance_scale, negative_labels, guidance_interval, guide,
-                       None if sampler == "ddpm" else classifier_guide)
-    x = gaussian_like(torch.empty(shape, device=device), generator)     # x_{T−1} ~ N(0, I)
+                       None if sampler == "ddpm" else classifier_guide, record)
+    if noise is None:
+        noise = gaussian_like(torch.empty(shape, device=device), generator)
+    x = noise                                                           # x_{T−1} ~ N(0, I)
     if init_images is not None:
         x = noised_start(scheduler, config, init_images, strength, x)
     start_t = round(strength * (config.num_timesteps - 1))
@@ -1587,9 +1606,327 @@ def evaluate(model, scheduler, config, classifier, data_dir, *, settings, guidan
 
 
 # ---------------------------------------------------------------------------------------------
-# III.6 Command line
-#     train / sample / evaluate. Every flag is listed explicitly; every input is checked before
-#     any work starts; a mistake gets one line on stderr and a non-zero exit, never a traceback.
+# III.6 Pictures of the process: `show`
+#     What the network sees and guesses, how a sample goes from coarse to fine, where the label
+#     acts, why few steps are enough, and whether the model copies its training set. The
+#     numbers come from small functions that reuse Parts I and II; the drawing is plain PIL.
+# ---------------------------------------------------------------------------------------------
+
+SHOW_TIMESTEPS = (0, 100, 200, 300, 400, 500, 600, 700, 800, 900, 999)
+SHOW_EVALUATIONS = (1, 2, 5, 10, 20, 50)
+
+
+def noised_input(scheduler, config, x0, t, noise):
+    """x_t = noise_image(x0, t, ε); for a flow model x_s on the line, s = t/(T−1)."""
+    if config.objective == "flow":
+        s = torch.full((len(x0),), t / (config.num_timesteps - 1), device=x0.device)
+        return flow_interpolate(x0, s, noise)
+    return scheduler.noise_image(x0, t, noise)[0]
+
+
+@torch.no_grad()
+def guesses_at(model, scheduler, config, x0, labels, timesteps, noise):
+    """For each t: x_t from x0 and one fixed ε, and the network's one-step guess of x0 (its
+    own label, no guidance): two [K, B, 1, 28, 28] tensors."""
+    denoise = Denoiser(model, scheduler, config, labels if config.cond else None, 1.0)
+    noisy = [noised_input(scheduler, config, x0, t, noise) for t in timesteps]
+    guesses = [clean_guess(scheduler, config, x_t, t, denoise(x_t, t))
+               for x_t, t in zip(noisy, timesteps)]
+    return torch.stack(noisy), torch.stack(guesses)
+
+
+@torch.no_grad()
+def guidance_push(model, scheduler, config, x_t, t, labels, guidance_scale, guide=None):
+    """Where guidance (II.8) pushes at this step: |guided − the model alone| per pixel, that
+    is (w − 1)·|ε_c − ε_∅| (or the same against the guide); 0 where w = 1. [B, 28, 28]"""
+    interval = (config.guidance_low, config.guidance_high)
+    guided = Denoiser(model, scheduler, config, labels, guidance_scale, None, interval, guide)
+    alone = Denoiser(model, scheduler, config, labels, 1.0)
+    return (guided(x_t, t) - alone(x_t, t)).abs()[:, 0]
+
+
+@torch.no_grad()
+def label_attention(model, x_t, t, labels):
+    """The share of each image patch's cross-attention that goes to the label's tokens (the
+    rest goes to the timestep token), averaged over heads and blocks: [B, grid, grid]."""
+    weights = []
+    hooks = [block.cross_attn.register_forward_hook(
+        lambda attention, inputs, output: weights.append(attention.attention_weights(*inputs)))
+        for block in model.blocks]
+    try:
+        model(x_t, torch.full((len(x_t),), float(t), device=x_t.device), labels)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    weights = torch.stack(weights)                                  # [depth, B, h, N, M]
+    label_share = weights[..., :model.config.label_tokens].sum(-1)  # [depth, B, h, N]
+    grid = math.isqrt(label_share.shape[-1])
+    return label_share.mean(dim=(0, 2)).reshape(-1, grid, grid)     # [B, grid, grid]
+
+
+def sampler_rows(model, scheduler, config, labels, guidance_scale, guide, noise, evaluations):
+    """From one noise: each sampler at each number of network evaluations, and DDPM over all
+    T as the reference (its own row of one). {name: [images [B, 1, 28, 28], ...]}"""
+    flow = config.objective == "flow"
+    steps = {name: evaluations for name in (["euler"] if flow else ["ddim", "dpm"])}
+    if not flow:
+        steps["ddpm"] = [config.num_timesteps]
+    return {name: [generate(model, scheduler, config, labels, shape=noise.shape,
+                            guidance_scale=guidance_scale, sampler=name, steps=count,
+                            guide=guide, noise=noise, generator=torch.Generator().manual_seed(0))
+                   for count in counts] for name, counts in steps.items()}
+
+
+def nearest_neighbours(queries, references, k=3):
+    """The k references nearest to each query by pixel distance ‖a − b‖ on the [0, 1] scale:
+    distances [Q, k] and indices [Q, k]."""
+    distances = torch.cdist(to_pixels(queries).flatten(1), to_pixels(references).flatten(1))
+    return distances.topk(k, dim=1, largest=False)
+
+
+def font(size=12):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow before 10.1: one size only
+        return ImageFont.load_default()
+
+
+def as_picture(images, nrow, scale=2):
+    """Images [B, 1, 28, 28] in [−1, 1] as a grid picture, every pixel scale × scale."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+    grid = make_grid(to_pixels(images.float().cpu()), nrow=nrow, padding=2, pad_value=1)
+    picture = Image.fromarray((grid[0] * 255).round().byte().numpy(), mode="L").convert("RGB")
+    return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+
+
+def as_heat_map(maps, nrow, top, bottom=0.0, scale=2):
+    """Maps [B, h, w], upscaled (nearest) to 28 × 28, as black → red → yellow → white for
+    bottom → top: one fixed scale, so that pictures side by side compare."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+    v = F.interpolate(maps[:, None].float().cpu(), size=(28, 28))
+    v = ((v - bottom) / max(float(top) - float(bottom), 1e-12)).clamp(0, 1)
+    rgb = torch.cat([(3 * v).clamp(0, 1), (3 * v - 1).clamp(0, 1), (3 * v - 2).clamp(0, 1)], 1)
+    grid = make_grid(rgb, nrow=nrow, padding=2, pad_value=1)
+    picture = Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy(), mode="RGB")
+    return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+
+
+def text_strip(texts, scale=2, height=16):
+    """Texts centred over the cells of an as_picture grid with len(texts) columns."""
+    from PIL import Image, ImageDraw
+    cell = 30 * scale
+    strip = Image.new("RGB", (cell * len(texts) + 2 * scale, height), "white")
+    draw = ImageDraw.Draw(strip)
+    for k, text in enumerate(texts):
+        x = 2 * scale + k * cell + (cell - draw.textlength(text, font=font())) / 2
+        draw.text((x, 2), text, fill="black", font=font())
+    return strip
+
+
+def sheet(title, rows, margin=110):
+    """Pictures stacked top to bottom on white, each with its label in the left margin, under
+    a title of one or more lines."""
+    from PIL import Image, ImageDraw
+    lines = title.split("\n")
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = max([margin + picture.width for _, picture in rows]
+                + [8 + probe.textlength(line, font=font(13)) for line in lines])
+    top = 8 + 18 * len(lines)
+    canvas = Image.new("RGB", (round(width), top + sum(p.height + 4 for _, p in rows)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, line in enumerate(lines):
+        draw.text((4, 4 + 18 * k), line, fill="black", font=font(13))
+    y = top
+    for label, picture in rows:
+        canvas.paste(picture, (margin, y))
+        draw.text((4, y + picture.height // 2 - 7), label, fill="black", font=font())
+        y += picture.height + 4
+    return canvas
+
+
+def curve_plot(curves, columns, scale=2, height=110):
+    """Curves of values in [0, 1] against t ∈ [0, T−1], under a text_strip of `columns` cells
+    for t = 0, 100, …: [(name, values [T], colour)] → a picture."""
+    from PIL import Image, ImageDraw
+    cell = 30 * scale
+    picture = Image.new("RGB", (cell * columns + 2 * scale, height), "white")
+    draw = ImageDraw.Draw(picture)
+    left, top, bottom = 2 * scale + cell / 2, 8, height - 20
+    x_of = lambda t: left + t / 100 * cell
+    draw.line([(left, bottom), (x_of(len(curves[0][1]) - 1), bottom)], fill="grey")
+    draw.text((left - 8, bottom + 4), "t = 0", fill="grey", font=font(11))
+    for k, (name, values, colour) in enumerate(curves):
+        points = [(x_of(t), bottom - value * (bottom - top)) for t, value in enumerate(values)]
+        draw.line(points, fill=colour, width=2)
+        draw.text((x_of(560), top + 22 + 16 * k), name, fill=colour, font=font())
+    return picture
+
+
+@dataclass
+class Scene:
+    """What every picture of `show` draws from: a loaded checkpoint and its sampling setup."""
+    model: nn.Module
+    scheduler: NoiseScheduler
+    config: Config
+    guide: nn.Module
+    labels: torch.Tensor       # 4 of the label to draw (None: an unconditional model)
+    out_dir: str
+    seed: int
+
+    def sample_labels(self, count):
+        return None if self.labels is None else self.labels[:1].repeat(count)
+
+    def sample(self, record=None, count=4, labels=None, noise=None):
+        """count samples of the scene's label (or of `labels`), the checkpoint's sampler."""
+        sampler = default_sampler(self.config)
+        sampler = "ddpm" if sampler == "vanilla" else sampler  # the same loop, but recordable
+        if labels is None:
+            labels = self.sample_labels(count)
+        return generate(self.model, self.scheduler, self.config, labels,
+                        shape=(count, 1, 28, 28), sampler=sampler, guide=self.guide,
+                        steps=default_steps(sampler, self.config), noise=noise,
+                        guidance_scale=default_guidance_scale(self.config), record=record,
+                        generator=torch.Generator().manual_seed(self.seed))
+
+    def save(self, picture, name):
+        path = os.path.join(self.out_dir, name)
+        os.makedirs(self.out_dir, exist_ok=True)
+        picture.save(path)
+        return path
+
+
+def spread(items, count):
+    """At most `count` items, evenly spread from the first to the last."""
+    keep = torch.linspace(0, len(items) - 1, min(count, len(items))).round().long().unique()
+    return [items[k] for k in keep.tolist()]
+
+
+def beside(pictures, gap=20):
+    from PIL import Image
+    canvas = Image.new("RGB", (sum(p.width for p in pictures) + gap * (len(pictures) - 1),
+                               max(p.height for p in pictures)), "white")
+    x = 0
+    for picture in pictures:
+        canvas.paste(picture, (x, 0))
+        x += picture.width + gap
+    return canvas
+
+
+def draw_what_the_network_sees(scene, images, labels):
+    """Picture 1: real digits noised to t = 0 … T−1 (one ε each), the network's one-step
+    guess of x0 under each, and the schedule's two coefficients below."""
+    noise = gaussian_like(images, torch.Generator().manual_seed(scene.seed))
+    noisy, guesses = guesses_at(scene.model, scene.scheduler, scene.config, images, labels,
+                                SHOW_TIMESTEPS, noise)
+    columns = len(SHOW_TIMESTEPS)
+    rows = [("", text_strip([f"t={t}" for t in SHOW_TIMESTEPS]))]
+    for b in range(len(images)):
+        rows += [("x_t", as_picture(noisy[:, b], columns)),
+                 ("guess of x0", as_picture(guesses[:, b], columns))]
+    if scene.config.objective == "flow":
+        s = torch.linspace(0, 1, scene.config.num_timesteps)
+        curves = [("1 - s: the image's share", 1 - s, (30, 80, 200)),
+                  ("s: the noise's share", s, (200, 40, 40))]
+    else:
+        curves = [("sqrt(alpha_bar_t): the image's share", scene.scheduler.sqrt_alpha_bar,
+                   (30, 80, 200)), ("sqrt(1 - alpha_bar_t): the noise's share",
+                                    scene.scheduler.sqrt_one_minus_alpha_bar, (200, 40, 40))]
+    rows.append(("the schedule", curve_plot([(n, v.cpu(), c) for n, v, c in curves], columns)))
+    title = "What the network sees (x_t) and guesses in one step (x0, clamped to [-1, 1])"
+    return scene.save(sheet(title, rows), "1_what_it_sees.png")
+
+
+def draw_coarse_to_fine(scene):
+    """Picture 2: x_t and the guess of x0 at every step of the default sampler, as a strip
+    (at most 12 steps) and as a GIF (at most 60)."""
+    record = []
+    scene.sample(record)
+    steps = spread(record, 12)
+    rows = [("", text_strip([f"t={round(t)}" for t, _, _ in steps]))]
+    for b in range(4):
+        rows += [("x_t", as_picture(torch.stack([x[b] for _, x, _ in steps]), len(steps))),
+                 ("guess of x0", as_picture(torch.stack([g[b] for _, _, g in steps]), len(steps)))]
+    title = f"Coarse to fine: {len(record)} network evaluations; the digit is settled early"
+    strip = scene.save(sheet(title, rows), "2_coarse_to_fine.png")
+    frames = [sheet(f"t = {round(t)}", [("x_t", as_picture(x, 4)),
+                                        ("guess of x0", as_picture(guess, 4))])
+              for t, x, guess in spread(record, 60)]
+    save_gif(frames, os.path.join(scene.out_dir, "2_coarse_to_fine.gif"))
+    return [strip, os.path.join(scene.out_dir, "2_coarse_to_fine.gif")]
+
+
+def draw_where_the_label_acts(scene):
+    """Picture 3: at six steps, where guidance pushes (against ∅, or against the guide of an
+    unconditional model) and, for a conditional model, each patch's attention to the label."""
+    if not scene.config.cond and scene.guide is None:
+        return []  # nothing steers this model
+    record = []
+    scene.sample(record, count=2)
+    steps = spread(record, 6)
+    w, labels = default_guidance_scale(scene.config), scene.sample_labels(2)
+    pushes = torch.stack([guidance_push(scene.model, scene.scheduler, scene.config, x, t,
+                                        labels, w, scene.guide) for t, x, _ in steps])
+    rows = [("", text_strip([f"t={round(t)}" for t, _, _ in steps]))]
+    for b in range(2):
+        rows += [("x_t", as_picture(torch.stack([x[b] for _, x, _ in steps]), len(steps))),
+                 ("guidance push", as_heat_map(pushes[:, b], len(steps), pushes.max()))]
+        if scene.config.cond:
+            shares = torch.stack([label_attention(scene.model, x[b:b + 1], t, labels[b:b + 1])
+                                  for t, x, _ in steps])[:, 0]
+            low, high = shares.min().item(), shares.max().item()
+            rows.append((f"label's share\n{low:.2f} to {high:.2f}",
+                         as_heat_map(shares, len(steps), high, low)))
+    title = (f"Where the label acts. Guidance push: |guided - model alone| per pixel, "
+             f"0 to {pushes.max():.2f}.")
+    if scene.config.cond:
+        title += ("\nLabel's share: how much of each patch's cross-attention goes to the label's "
+                  "tokens (the rest goes to the timestep token), averaged over heads and blocks.")
+    return [scene.save(sheet(title, rows, margin=120), "3_where_the_label_acts.png")]
+
+
+def draw_few_steps(scene):
+    """Picture 4: from one noise, each sampler at 1 … 50 network evaluations, and DDPM over
+    all T steps as the reference."""
+    noise = gaussian_like(torch.empty(3, 1, 28, 28), torch.Generator().manual_seed(scene.seed))
+    images = sampler_rows(scene.model, scene.scheduler, scene.config, scene.sample_labels(3),
+                          default_guidance_scale(scene.config), scene.guide, noise,
+                          SHOW_EVALUATIONS)
+    rows = [("", text_strip([f"{count} evals" for count in SHOW_EVALUATIONS]))]
+    for name, row in images.items():
+        grid = torch.stack(row, dim=1).flatten(0, 1)                # sample-major: a row each
+        label = f"ddpm, all {scene.config.num_timesteps}" if name == "ddpm" else name
+        rows.append((label, as_picture(grid, len(row))))
+    title = ("Why few steps are enough: from one noise per row, each sampler at more and more\n"
+             "network evaluations, and DDPM over all T steps")
+    return scene.save(sheet(title, rows), "4_few_steps.png")
+
+
+def draw_is_it_copying(scene, train_images, test_images):
+    """Picture 5: samples and real test digits, each followed by its three nearest training
+    images with their pixel distances: a copying model would sit at distance 0."""
+    labels = torch.arange(8, device=train_images.device) if scene.config.cond else None
+    blocks = []
+    for name, queries in (("samples", scene.sample(count=8, labels=labels)),
+                          ("real test digits", test_images[:8])):
+        distances, indices = nearest_neighbours(queries, train_images)
+        rows = [("distances", text_strip(["", "1st", "2nd", "3rd"]))]
+        rows += [(" ".join(f"{d:.1f}" for d in distances[q].tolist()),
+                  as_picture(torch.cat([queries[q:q + 1], train_images[indices[q]]]), 4))
+                 for q in range(len(queries))]
+        title = (f"{name} and their nearest training images\n(pixel distance; median of the "
+                 f"nearest {distances[:, 0].median():.1f})")
+        blocks.append(sheet(title, rows, margin=100))
+    return scene.save(beside(blocks), "5_is_it_copying.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# III.7 Command line
+#     train / sample / evaluate / show. Every flag is listed explicitly; every input is checked
+#     before any work starts; a mistake gets one line on stderr and a non-zero exit, never a
+#     traceback.
 # ---------------------------------------------------------------------------------------------
 
 def digit(text):
@@ -1769,6 +2106,14 @@ def add_evaluate_flags(parser):
     add("--batch-size", type=positive_int, default=500, help="images drawn at once (default: 500)")
 
 
+def add_show_flags(parser):
+    add = parser.add_argument
+    add("--ckpt", default="runs/ckpt.pt", help="checkpoint to draw (default: runs/ckpt.pt)")
+    add("--out-dir", default="pictures", help="where the pictures go (default: pictures)")
+    add("--label", type=digit, default=None,
+        help="the digit a conditional model draws in the pictures (default: 4)")
+
+
 def build_parser():
     parser = Parser(description="Diffusion on MNIST in one file: a DDPM/DDIM scheduler, a DiT "
                                 "with cross-attention, classifier-free guidance.")
@@ -1784,6 +2129,10 @@ def build_parser():
     add_evaluate_flags(commands.add_parser(
         "evaluate", parents=[common], help="measure sample quality with a classifier",
         description="Label accuracy and Fréchet distance of samples, judged by a small CNN."))
+    add_show_flags(commands.add_parser(
+        "show", parents=[common], help="draw what the model does at each step",
+        description="Five pictures of the process: the noised input and the guess of x0, "
+                    "coarse to fine, where the label acts, few steps, nearest neighbours."))
     return parser
 
 
@@ -2063,9 +2412,30 @@ def command_evaluate(args):
              noisy_classifier=noisy_classifier, classifier_scales=args.classifier_scales)
 
 
+def command_show(args):
+    device = pick_device(args.device)
+    model, scheduler, config, state = load_model(args.ckpt, device)
+    if args.label is not None and not config.cond:
+        raise UserError(f"{args.ckpt} is an unconditional model; its pictures take no --label")
+    check_writable_folder(args.out_dir, "--out-dir")
+    train_images = read_mnist(args.data_dir, train=True, device=device)[0]
+    test_images, test_labels = read_mnist(args.data_dir, train=False, device=device)
+    started = time.time()
+    label = 4 if args.label is None else args.label
+    labels = torch.full((4,), label, device=device) if config.cond else None
+    guide = None if config.cond else load_guide(state, config, device)
+    scene = Scene(model, scheduler, config, guide, labels, args.out_dir, args.seed)
+    written = [draw_what_the_network_sees(scene, test_images[:4], test_labels[:4]),
+               *draw_coarse_to_fine(scene), *draw_where_the_label_acts(scene),
+               draw_few_steps(scene), draw_is_it_copying(scene, train_images, test_images)]
+    print(f"wrote {len(written)} pictures in {format_seconds(time.time() - started)}: "
+          + ", ".join(written))
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    commands = {"train": command_train, "sample": command_sample, "evaluate": command_evaluate}
+    commands = {"train": command_train, "sample": command_sample, "evaluate": command_evaluate,
+                "show": command_show}
     try:
         commands[args.command](args)
     except UserError as error:
