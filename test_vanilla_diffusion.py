@@ -1279,7 +1279,7 @@ def test_every_train_flag_reaches_the_config():
              "warmup_steps": "7", "ema_decay": "0.99", "min_snr_gamma": "5",
              "t_sampling": "uniform", "logsnr_mean": "-1", "logsnr_std": "1.5",
              "patch_size": "7", "width": "32", "depth": "2", "heads": "4",
-             "conv_channels": "8", "prediction": "eps"}
+             "conv_channels": "8", "prediction": "eps", "adam_beta2": "0.95"}
     argv = ["train", "--cond"]
     for name, value in flags.items():
         argv += ["--" + name.replace("_", "-"), value]
@@ -1289,6 +1289,17 @@ def test_every_train_flag_reaches_the_config():
     for name, value in flags.items():
         expected = type(getattr(defaults, name))(value)
         assert getattr(config, name) == expected != getattr(defaults, name), name
+
+
+def test_the_unconditional_model_has_its_own_defaults_and_flags_override_them():
+    parse = lambda *argv: vd.config_from_flags(vd.build_parser().parse_args(["train", *argv]))
+    unconditional, conditional = parse(), parse("--cond")
+    assert {name: getattr(unconditional, name) for name in vd.UNCONDITIONAL_DEFAULTS} == \
+        vd.UNCONDITIONAL_DEFAULTS
+    assert (conditional.patch_size, conditional.heads, conditional.epochs) == (4, 2, 5)
+    assert conditional.adam_beta2 == 0.999
+    assert (parse("--patch-size", "4", "--epochs", "2").patch_size, parse("--epochs", "2").epochs,
+            parse("--heads", "2").heads) == (4, 2, 2)
 
 
 @pytest.mark.parametrize("args, message", [
