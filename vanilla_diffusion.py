@@ -1,13 +1,15 @@
 """VanillaDiffusion: diffusion on MNIST in one file, a lecture in three parts that runs.
 
-Start here (`train --cond` took 8 minutes on the 2-core machine the README was measured on):
+Start here (`train --cond` took 8–9 minutes on the 2-core machine the README was measured on):
     python vanilla_diffusion.py train --cond          # learn to draw digits; writes runs/ckpt.pt
     python vanilla_diffusion.py sample --label 4      # draw sixteen 4s into samples.png
     python vanilla_diffusion.py evaluate              # judge them: label accuracy, Fréchet distance
+    python vanilla_diffusion.py show                  # pictures of what it does at each step
     python vanilla_diffusion.py train --cond --vanilla --out-dir runs/vanilla   # exactly Part I
 
 Part I — vanilla diffusion: read it to learn. It uses nothing defined after it, so you may stop at
-its end with a complete diffusion model, and copy any section with the Part I sections it names.
+its end with a complete diffusion model, and copy any section with the imports and the sections
+its banner says it needs.
     I.1  Config            every knob of the file: Part I's first, then the upgrades'
     I.2  Noise scheduler   the tables, the forward process noise_image, the reverse step
                            sample_prev_image_distribution (Ho et al. 2020)
@@ -22,8 +24,7 @@ and its paper, and what it measurably buys (the numbers are in the README and do
     II.4 EMA of the weights     II.5 the clamped x0        II.6 DDIM
     II.7 DPM-Solver++           II.8 guidance, generalised II.9 classifier guidance
     II.10 image-to-image        II.11 rectified flow
-Part III — the tool; the lecture has ended: the training run around the step, checkpoints,
-    sampling by name, evaluation, the command line.
+Part III — the tool; the lecture has ended: the run, checkpoints, evaluation, pictures, the CLI.
 
 Symbols used in the comments (paper → code):
     T                  → config.num_timesteps        t ∈ {0, …, T−1}, 0-based, indexes the tables
@@ -51,21 +52,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-NUM_CLASSES = 10
-NULL_LABEL = NUM_CLASSES  # row 10 of the label embedding means "no label" (∅)
-
 
 # =============================================================================================
 # Part I — vanilla diffusion
-#   DDPM (Ho et al. 2020) with a DiT noise predictor that reads the label through
-#   cross-attention, trained with label dropout and sampled with classifier-free guidance
-#   (Ho & Salimans 2022). `train --vanilla` trains and samples exactly this part.
+#   DDPM, the denoising diffusion probabilistic model of Ho et al. 2020, with a DiT (diffusion
+#   transformer) noise predictor that reads the label through cross-attention, trained with
+#   label dropout and sampled with classifier-free guidance (CFG, Ho & Salimans 2022).
+#   `train --vanilla` trains and samples exactly this part.
 # =============================================================================================
 
 # ---------------------------------------------------------------------------------------------
 # I.1 Config: one dataclass holds every default; checkpoints store it, so `sample` rebuilds
-#     the model. Part I reads the first block; the second switches Part II's upgrades.
+#     the model. Part I's DiT reads the model fields of the first block, the training run
+#     (Part III) the rest of it; the second block switches Part II's upgrades.
 # ---------------------------------------------------------------------------------------------
+
+NUM_CLASSES = 10
+NULL_LABEL = NUM_CLASSES  # row 10 of the label embedding means "no label" (∅)
+
 
 @dataclass
 class Config:
@@ -78,7 +82,7 @@ class Config:
     patch_size: int = 4             # 4 → 7×7 = 49 tokens (unconditional: 7 → 16, below)
     width: int = 64                 # D, the token width: small, so that CPU minutes buy steps
     depth: int = 3                  # DiT blocks
-    heads: int = 2                  # attention heads, D / heads = 32 channels each
+    heads: int = 2                  # attention heads of D / heads channels each
     mlp_ratio: int = 4              # MLP hidden width = mlp_ratio · D
     label_tokens: int = 4           # tokens per label; with the timestep token, 5 keys
     batch_size: int = 32            # small batches, many steps: a CPU's images/s barely change
@@ -98,26 +102,27 @@ class Config:
     min_snr_gamma: float = 0.0      #   min-SNR-γ loss weight; 0: off (it starves high noise)
     ema_decay: float = 0.999        # II.4 sampling weights: θ_ema ← d·θ_ema + (1 − d)·θ
     clip_x0: bool = True            # II.5 clamp the predicted x0 to [−1, 1] at each step
-    sampler: str = "dpm"            # II.6–7 "ddim", "dpm" (few steps), "ddpm" (all T)
+    sampler: str = "dpm"            # II.6–7 "dpm", "ddim"; "ddpm", "vanilla" (I.6): all T
     sample_steps: int = 15          #   network evaluations of ddim / dpm / euler
     guidance_low: float = 0.1       # II.8 guide only where t/(T−1) ∈ [low, high]; else w = 1
     guidance_high: float = 0.7
     guide_at: float = 0.25          # II.8 unconditional: the EMA at this share of training is
                                     #   kept as the weak guide of autoguidance (0: none)
     autoguidance_scale: float = 4.0  # w in ε = ε_guide + w·(ε − ε_guide)
-    objective: str = "eps"          # II.10 "eps": the DDPM schedule; "flow": rectified flow
+    objective: str = "eps"          # II.11 "eps": the DDPM schedule; "flow": rectified flow
 
 
 # With no label to attend to, the unconditional model learns a digit's shape faster per minute
-# from 4×4 = 16 larger patches with 4 heads and AdamW's β2 = 0.99 (as in EDM2), and gets about
+# from 4×4 = 16 larger patches with 4 heads and AdamW's β2 = 0.99 (as EDM2 uses), and gets about
 # twice the conditional model's time (docs/experiments.md): its own defaults.
 UNCONDITIONAL_DEFAULTS = {"patch_size": 7, "heads": 4, "adam_beta2": 0.99, "epochs": 14}
 
 
 # ---------------------------------------------------------------------------------------------
-# I.2 Noise scheduler: DDPM, Ho et al. 2020
+# I.2 Noise scheduler: DDPM, Ho et al. 2020. Needs: torch.
 #     Forward, in one jump: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (eq. 4). Reverse, one step at a time:
 #     x_{t−1} = 1/√α_t·(x_t − β_t/√(1−ᾱ_t)·ε_θ(x_t, t)) + σ_t·z (eq. 11, Algorithm 2).
+#     t counts from 0: the paper's t = 1 … T is t = 0 … T−1 here; the step at t = 0 gives x0.
 # ---------------------------------------------------------------------------------------------
 
 def per_sample(table, t, x):
@@ -149,7 +154,7 @@ class NoiseScheduler:
         self.sqrt_alphas = alphas.sqrt().float()                            # √α_t
         self.sqrt_alpha_bar = alpha_bar.sqrt().float()                      # √ᾱ_t
         self.sqrt_one_minus_alpha_bar = (1 - alpha_bar).sqrt().float()      # √(1−ᾱ_t)
-        self.log_snr = (alpha_bar / (1 - alpha_bar)).log().float()          # log SNR_t, falls
+        self.log_snr = (alpha_bar / (1 - alpha_bar)).log().float()          # log SNR_t ↓ in t
 
     def to(self, device):
         """Move every table to `device`, as nn.Module.to does for a model."""
@@ -159,7 +164,7 @@ class NoiseScheduler:
         return self
 
     def noise_image(self, x0, t, noise=None):
-        """The forward process q(x_t | x0) in one jump: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε."""
+        """q(x_t | x0) in one jump: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε; returns (x_t, ε)."""
         if noise is None:
             noise = torch.randn_like(x0)                                    # ε ~ N(0, I)
         signal_part = per_sample(self.sqrt_alpha_bar, t, x0) * x0
@@ -180,9 +185,10 @@ class NoiseScheduler:
 
 
 # ---------------------------------------------------------------------------------------------
-# I.3 DiT: a noise predictor ε_θ(x_t, t, c) (Peebles & Xie 2023) with cross-attention
-#     Image patches become tokens; the timestep enters every block through adaLN-Zero; the
-#     label's tokens are the keys and values of a cross-attention, as text is in Stable Diffusion.
+# I.3 DiT: a noise predictor ε_θ(x_t, t, c) (Peebles & Xie 2023). Needs: I.1.
+#     Image patches become tokens; the timestep enters every block through adaLN-Zero (adaptive
+#     layer norm whose gates start at zero); the label's tokens are the keys and values of a
+#     cross-attention, as text is in Stable Diffusion.
 # ---------------------------------------------------------------------------------------------
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -251,7 +257,7 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).flatten(2))                   # [B, N, D]
 
     def attention_weights(self, x, context):
-        """softmax(QKᵀ/√d) [B, h, N, M], what forward() computes inside SDPA, written out."""
+        """softmax(QKᵀ/√d) [B, h, N, M]: what scaled_dot_product_attention computes inside."""
         q, k, _ = self.project(x, context)
         return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
 
@@ -310,7 +316,7 @@ class DiT(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
         if config.cond:
             # 11 rows (digits 0–9 and ∅), each `label_tokens` tokens for the cross-attention;
-            # N(0, 1) rows are as loud as the timestep token beside them, so the label is heard
+            # N(0, 1) rows, not DiT's std 0.02, so the timestep token beside them cannot drown them
             self.label_embed = nn.Embedding(NUM_CLASSES + 1, config.label_tokens * D)
         self.blocks = nn.ModuleList(DiTBlock(D, config.heads, config.mlp_ratio, config.cond)
                                     for _ in range(config.depth))
@@ -343,10 +349,6 @@ class DiT(nn.Module):
         return unpatchify(x, p, self.channels)                           # [B, C, 28, 28]
 
 
-def count_parameters(model):
-    return sum(p.numel() for p in model.parameters())
-
-
 # ---------------------------------------------------------------------------------------------
 # I.4 Data: MNIST as one tensor in [−1, 1] on the training device; a batch is an index lookup.
 # ---------------------------------------------------------------------------------------------
@@ -360,8 +362,9 @@ def load_mnist(data_dir, train=True, device="cpu"):
 
 
 # ---------------------------------------------------------------------------------------------
-# I.5 Training: Algorithm 1 (training) of Ho et al. 2020, with label dropout for CFG
-#     Draw x0, t ~ U{0, …, T−1} and ε; build x_t with noise_image; regress ε_θ onto ε.
+# I.5 Training: Algorithm 1 (training) of Ho et al. 2020, with label dropout for CFG.
+#     Needs: I.1–I.3. Draw x0, t ~ U{0, …, T−1} and ε; build x_t with noise_image; regress ε_θ
+#     onto ε.
 # ---------------------------------------------------------------------------------------------
 
 def drop_labels(labels, p, generator=None):
@@ -372,8 +375,8 @@ def drop_labels(labels, p, generator=None):
 
 
 def ddpm_loss(model, scheduler, x0, labels, label_drop, generator=None):
-    """Algorithm 1, lines 2–5: the loss ‖ε − ε_θ(x_t, t, c)‖² of each image [B], and its t [B].
-    labels is None for an unconditional model."""
+    """Algorithm 1, lines 2–5: the loss ‖ε − ε_θ(x_t, t, c)‖² of each image [B] (averaged over
+    its pixels), and its t [B]. labels is None for an unconditional model."""
     B, device = x0.shape[0], x0.device
     if labels is not None:
         labels = drop_labels(labels, label_drop, generator)                 # c → ∅ with prob. p
@@ -400,9 +403,9 @@ def train_step(model, optimizer, scheduler, x0, labels, label_drop=0.1, generato
 
 
 # ---------------------------------------------------------------------------------------------
-# I.6 Sampling: Algorithm 2 (sampling) of Ho et al. 2020 with classifier-free guidance
-#     From x_{T−1} ~ N(0, I), T reverse steps; at each, the network sees the label and ∅ in
-#     one batched pass and the two predictions are mixed: ε = ε_∅ + w·(ε_c − ε_∅).
+# I.6 Sampling: Algorithm 2 (sampling) of Ho et al. 2020 with classifier-free guidance.
+#     Needs: I.1–I.3. From x_{T−1} ~ N(0, I), T reverse steps; at each, the network sees the
+#     label and ∅ in one batched pass and the two predictions are mixed: ε = ε_∅ + w·(ε_c − ε_∅).
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -2278,6 +2281,10 @@ def prepare_training(args, device, ckpt_path):
         raise UserError(f"{ckpt_path} already holds a run; continue it with --resume, start "
                         f"over with --overwrite, or choose another --out-dir")
     return config_from_flags(args), None, args.seed
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
 
 
 def command_train(args):
