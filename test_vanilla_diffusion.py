@@ -1164,19 +1164,62 @@ def assert_same_state(a, b):
 
 
 def test_ctrl_c_then_resume_gives_the_same_weights_bit_for_bit(tiny_mnist, tmp_path,
-                                                               monkeypatch, capsys):
+                                                               monkeypatch, capsys, device):
     # 200 images in batches of 16: 12 steps an epoch; stop mid-epoch at 7, resume to 20
-    straight = train_tiny(tiny_mnist, tmp_path / "straight", "--cond", steps=20)
+    on = ("--device", device)
+    straight = train_tiny(tiny_mnist, tmp_path / "straight", "--cond", *on, steps=20)
     press_ctrl_c_at_step(monkeypatch, 7)
     with pytest.raises(SystemExit) as stopped:
-        train_tiny(tiny_mnist, tmp_path / "resumed", "--cond", steps=20)
+        train_tiny(tiny_mnist, tmp_path / "resumed", "--cond", *on, steps=20)
     assert stopped.value.code == 130 and "continue with --resume" in capsys.readouterr().out
     resumed = str(tmp_path / "resumed" / "ckpt.pt")
     assert torch.load(resumed, weights_only=True)["step"] == 7
     monkeypatch.undo()
-    train_tiny(tiny_mnist, tmp_path / "resumed", "--resume", steps=20)
-    assert_same_state(torch.load(straight, weights_only=True),
-                      torch.load(resumed, weights_only=True))
+    train_tiny(tiny_mnist, tmp_path / "resumed", "--resume", *on, steps=20)
+    a, b = torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
+    if device == "cpu":
+        assert_same_state(a, b)
+    else:  # CUDA's kernels may sum in another order from run to run: equal to float tolerance
+        assert a["step"] == b["step"] and torch.equal(a["generator"], b["generator"])
+        gap = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
+        print(f"resume on {device}: largest weight difference {gap:.2g}")
+        assert gap < 1e-5
+
+
+def test_a_run_resumes_only_on_the_kind_of_device_it_was_trained_on(trained, tmp_path,
+                                                                    tiny_mnist, capsys):
+    state = torch.load(trained, weights_only=True)
+    state["generator"] = torch.zeros(16, dtype=torch.uint8)   # a CUDA generator's state
+    torch.save(state, tmp_path / "ckpt.pt")
+    expect_one_line_error(["train", "--resume", "--data-dir", tiny_mnist, "--out-dir",
+                           str(tmp_path), "--device", "cpu"],
+                          "trained on another kind of device", capsys, code=1)
+
+
+@NO_GPU
+def test_on_cuda_a_run_trains_samples_as_on_the_cpu_and_draws_its_pictures(tiny_mnist, tmp_path,
+                                                                           monkeypatch):
+    ckpt = train_tiny(tiny_mnist, tmp_path / "run", "--cond", "--device", "cuda", steps=6)
+    part_1 = str(tmp_path / "vanilla" / "ckpt.pt")
+    vd.main(["train", "--cond", "--vanilla", "--data-dir", tiny_mnist, "--out-dir",
+             str(tmp_path / "vanilla"), "--max-steps", "6", "--width", "32", "--depth", "1",
+             "--batch-size", "16", "--device", "cuda"])
+    grids = {}
+    monkeypatch.setattr(vd, "save_grid", lambda images, path, **_: grids.update({path: images}))
+    for sampler in ("dpm", "ddim", "ddpm", "vanilla"):
+        for device in ("cpu", "cuda"):
+            vd.main(["sample", "--ckpt", part_1 if sampler == "vanilla" else ckpt, "--label", "3",
+                     "--n", "4", "--seed", "5",
+                     "--sampler", sampler, "--device", device, "--output",
+                     str(tmp_path / f"{sampler}_{device}.png")])
+        cpu, cuda = (grids[str(tmp_path / f"{sampler}_{d}.png")] for d in ("cpu", "cuda"))
+        gap = (cpu - cuda.cpu()).abs().max().item()
+        print(f"{sampler}: CPU and CUDA samples of one seed differ by at most {gap:.2g}")
+        assert gap < 0.05   # images in [−1, 1]; another seed differs by about 2
+    monkeypatch.undo()
+    vd.main(["show", "--ckpt", ckpt, "--data-dir", tiny_mnist, "--out-dir",
+             str(tmp_path / "pictures"), "--device", "cuda"])
+    assert sorted(os.listdir(tmp_path / "pictures")) == SHOW_FILES
 
 
 def test_a_diverging_run_stops_at_once_and_keeps_the_last_good_checkpoint(
@@ -1192,7 +1235,7 @@ def test_a_diverging_run_stops_at_once_and_keeps_the_last_good_checkpoint(
     monkeypatch.setattr(vd, "training_loss", nan_loss)
     with pytest.raises(SystemExit) as exit_info:
         vd.main(["train", "--resume", "--data-dir", tiny_mnist, "--out-dir", str(tmp_path),
-                 "--max-steps", "10"])
+                 "--max-steps", "10", "--device", "cpu"])
     error = capsys.readouterr().err.strip()
     assert exit_info.value.code == 1 and "diverged at step 3" in error and "--lr" in error
     assert len(error.splitlines()) == 1

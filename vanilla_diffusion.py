@@ -771,7 +771,8 @@ def classifier_gradient(classifier, x_t, t, labels):
     with torch.enable_grad():
         x_t = x_t.detach().requires_grad_(True)
         log_probs = F.log_softmax(classifier(x_t, t), dim=-1)               # [B, 10]
-        chosen = log_probs[torch.arange(len(x_t)), labels].sum()           # Σ_b log p(y_b | x_b)
+        rows = torch.arange(len(x_t), device=x_t.device)
+        chosen = log_probs[rows, labels].sum()                              # Σ_b log p(y_b | x_b)
         return torch.autograd.grad(chosen, x_t)[0]
 
 
@@ -1023,7 +1024,7 @@ def generate(model, scheduler, config, labels, *, shape, guidance_scale, sampler
                        None if sampler == "ddpm" else classifier_guide, record)
     if noise is None:
         noise = gaussian_like(torch.empty(shape, device=device), generator)
-    x = noise                                                           # x_{T−1} ~ N(0, I)
+    x = noise.to(device)                                                # x_{T−1} ~ N(0, I)
     if init_images is not None:
         x = noised_start(scheduler, config, init_images, strength, x)
     start_t = round(strength * (config.num_timesteps - 1))
@@ -1245,6 +1246,10 @@ def start_run(config, device, seed, checkpoint=None, path=""):
     run = Run(model.train(), ema, optimizer, torch.Generator(device).manual_seed(seed))
     if checkpoint is None:
         return run, scheduler
+    if len(checkpoint["generator"]) != len(run.generator.get_state()):
+        raise UserError(f"cannot resume {path} on {device}: it was trained on another kind of "
+                        f"device, whose random-number state cannot move; resume it with the "
+                        f"--device it was trained on (sample and evaluate run on any device)")
     try:
         model.load_state_dict(checkpoint["model"])
         ema.load_state_dict(checkpoint["ema"])
@@ -1562,11 +1567,11 @@ def print_row(setting, row, seconds):
     """setting: the sampler, steps, w (and s) columns, already formatted."""
     if "accuracy" in row:
         print(f"{setting} {row['accuracy']:>9.1%} {row['worst']:>12} {row['distance']:>9.2f} "
-              f"{row['faint']:>6.1%} {seconds:>8.3f}", flush=True)
+              f"{row['faint']:>6.1%} {seconds:>8.2g}", flush=True)
     else:
         shares = " ".join(f"{share:.0%}" for share in row["shares"].tolist())
         print(f"{setting} {row['distance']:>9.2f} {row['faint']:>6.1%} {row['confident']:>10.1%} "
-              f"{seconds:>8.3f}  {shares}", flush=True)
+              f"{seconds:>8.2g}  {shares}", flush=True)
 
 
 def print_header(labelled, classifier_guided):
