@@ -824,6 +824,7 @@ def part_one_source():
 
 def test_part_one_alone_trains_and_samples_a_complete_model():
     part_one = {"__name__": "part_one"}
+    assert len(part_one_source().splitlines()) < 450  # readable in one sitting
     exec(compile(part_one_source(), "part_one", "exec"), part_one)
     assert "ConvDiT" not in part_one and "generate" not in part_one  # nothing from later parts
     config = part_one["Config"](cond=True, width=32, depth=2, heads=2, label_tokens=2)
