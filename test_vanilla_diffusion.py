@@ -387,8 +387,9 @@ def gaussian_ode_error(scheduler, loop, steps, end=100):
     """The sampler loop on `steps` timesteps evenly spaced in log SNR from T−1 to `end`: the
     largest error of x_end against the exact probability-flow ODE solution."""
     shape = (64, 1, 4, 4)
-    targets = torch.linspace(scheduler.log_snr[T - 1].item(), scheduler.log_snr[end].item(), steps)
-    timesteps = torch.searchsorted(-scheduler.log_snr.double(), -targets.double()).tolist()
+    log_snr = vd.log_snr(scheduler)
+    targets = torch.linspace(log_snr[T - 1].item(), log_snr[end].item(), steps)
+    timesteps = torch.searchsorted(-log_snr.double(), -targets.double()).tolist()
     model = GaussianDenoiser(scheduler)
     denoise = lambda x, t: model(x, torch.full((len(x),), float(t)))
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0))
@@ -416,6 +417,201 @@ def test_dpm_solver_first_order_step_is_the_ddim_step(scheduler, t, t_next_fract
     x0 = vd.predict_x0(scheduler, x_t, t, pred_noise)
     dpm, _ = vd.dpm_solver_step(scheduler, x_t, t, t_next, x0)
     close(dpm, vd.ddim_step(scheduler, x_t, t, t_next, pred_noise), 1e-3, 1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The σ view (II.13), the flow SDE (II.12), and the notes' other choices (II.2, II.14, I.2)
+# ---------------------------------------------------------------------------------------------
+
+SIGMA_LOOPS = {"euler": vd.euler_sigma_sampler, "heun": vd.heun_sampler,
+               "dpm++2m": vd.dpmpp_2m_sampler}
+
+
+def sigma_loop(name):
+    """A σ sampler in the (denoise, scheduler, x, timesteps, clip) form of ddim_sampler."""
+    def loop(denoise, scheduler, x, timesteps, clip_x0):
+        denoiser = vd.SigmaDenoiser(denoise, scheduler, clip_x0)
+        return SIGMA_LOOPS[name](denoiser, x, vd.sigma_schedule(scheduler, timesteps))
+    return loop
+
+
+def test_sigma_of_t_is_the_noise_to_signal_ratio_of_alpha_bar(scheduler):
+    alpha_bar = linear_alpha_bar()
+    close(vd.sigma_table(scheduler).double(), ((1 - alpha_bar) / alpha_bar).sqrt(), 0, 1e-5)
+    for t in (0, 1, 500, T - 1):  # a table entry is its own nearest entry
+        assert vd.nearest_timestep(scheduler, vd.sigma_table(scheduler)[t].item()) == t
+
+
+@given(steps=st.integers(2, 40), rho=st.sampled_from([1.0, 3.0, 7.0]))
+def test_karras_sigmas_run_from_max_to_min_evenly_in_sigma_to_the_one_over_rho(steps, rho):
+    sigmas = torch.tensor(vd.karras_sigmas(steps, 0.02, 80.0, rho), dtype=torch.float64)
+    assert len(sigmas) == steps
+    close(sigmas[[0, -1]], torch.tensor([80.0, 0.02], dtype=torch.float64), 0, 1e-12)
+    gaps = sigmas.pow(1 / rho).diff()                      # σ^{1/ρ} falls by equal steps
+    close(gaps, gaps[:1].expand_as(gaps), 1e-12)
+    assert (sigmas.diff() < 0).all()
+
+
+def test_karras_timesteps_start_at_the_top_and_end_at_sigma_min(scheduler):
+    timesteps = vd.karras_timesteps(scheduler, 15, T - 1, vd.sigma_table(scheduler)[0].item())
+    assert timesteps[0] == T - 1 and timesteps[-1] == 0 and len(timesteps) == 15
+    assert all(a > b for a, b in zip(timesteps, timesteps[1:]))
+
+
+class CurvedDenoiser(torch.nn.Module):
+    """A made-up ε-network that depends on x and t non-linearly: a stand-in with no shortcut."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t, labels=None):
+        return torch.tanh(1.5 * x + t.reshape(-1, 1, 1, 1) / T) - 0.3 * x.roll(1, dims=-1)
+
+
+@given(steps=st.integers(1, 30), clip=st.booleans(), seed=st.integers(0, 2**16))
+def test_euler_in_sigma_is_ddim_on_the_same_timesteps(scheduler, steps, clip, seed):
+    """Karras et al. 2022, §3: DDIM (η = 0) is Euler's method on dx/dσ."""
+    model, timesteps = CurvedDenoiser(), vd.sampling_timesteps(T - 1, steps)
+    denoise = vd.Denoiser(model, scheduler, vd.Config(prediction="eps"))
+    x = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(seed))
+    ddim = list(vd.ddim_sampler(denoise, scheduler, x, timesteps, clip))
+    euler = list(sigma_loop("euler")(denoise, scheduler, x, timesteps, clip))
+    for a, b in zip(ddim, euler):
+        close(b, a, 1e-4, 1e-4)
+
+
+def test_dpmpp_2m_in_sigma_is_the_dpm_solver_of_ii7_on_the_same_timesteps(scheduler):
+    model, timesteps = CurvedDenoiser(), vd.sampling_timesteps(T - 1, 12)
+    denoise = vd.Denoiser(model, scheduler, vd.Config(prediction="eps"))
+    x = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(5))
+    dpm = list(vd.dpm_solver_sampler(denoise, scheduler, x, timesteps, True))
+    sigma = list(sigma_loop("dpm++2m")(denoise, scheduler, x, timesteps, True))
+    for a, b in zip(dpm, sigma):
+        close(b, a, 1e-4, 1e-4)
+
+
+@pytest.mark.parametrize("noisy, plain", [(vd.euler_ancestral_sampler, vd.euler_sigma_sampler),
+                                          (vd.dpmpp_2m_sde_sampler, vd.dpmpp_2m_sampler)])
+def test_the_noisy_sigma_samplers_with_their_noise_off_are_their_deterministic_twins(
+        scheduler, noisy, plain):
+    denoiser = vd.SigmaDenoiser(vd.Denoiser(CurvedDenoiser(), scheduler,
+                                            vd.Config(prediction="eps")), scheduler)
+    sigmas = vd.sigma_schedule(scheduler, vd.sampling_timesteps(T - 1, 10))
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    off = list(noisy(denoiser, x, sigmas, eta=0.0, generator=torch.Generator().manual_seed(2)))
+    for a, b in zip(list(plain(denoiser, x, sigmas)), off):
+        close(b, a, 1e-5, 1e-5)
+    on = list(noisy(denoiser, x, sigmas, eta=1.0, generator=torch.Generator().manual_seed(2)))
+    assert (on[0] - off[0]).abs().max() > 1e-3  # η = 1 does add noise
+
+
+@given(sigma=st.floats(0.01, 100), fraction=st.floats(0, 0.999), eta=st.floats(0, 1))
+def test_the_ancestral_step_splits_the_next_noise_level_into_down_and_up(sigma, fraction, eta):
+    sigma_next = fraction * sigma
+    down, up = vd.ancestral_step(sigma, sigma_next, eta)
+    assert math.isclose(down**2 + up**2, sigma_next**2, rel_tol=1e-9, abs_tol=1e-12)
+    assert 0 <= up <= sigma_next and (eta > 0 or up == 0)
+
+
+def test_heun_is_second_order_and_euler_first_on_gaussian_data(scheduler):
+    euler = {n: gaussian_ode_error(scheduler, sigma_loop("euler"), n) for n in (11, 21)}
+    heun = {n: gaussian_ode_error(scheduler, sigma_loop("heun"), n) for n in (11, 21, 41)}
+    assert euler[21] < 0.6 * euler[11]           # Euler: first order, the error about halves
+    assert heun[41] < heun[21] / 3               # Heun: second order, the error about quarters
+    assert heun[21] < euler[21] / 3
+
+
+@given(sampler=st.sampled_from([f"{name}{suffix}" for name in vd.SIGMA_SAMPLERS
+                                for suffix in ("", "-karras")]),
+       steps=st.integers(1, 40), prediction=st.sampled_from(["eps", "v"]), clip=st.booleans(),
+       cond=st.booleans(), seed=st.integers(0, 2**16))
+def test_every_sigma_sampler_with_the_exact_denoiser_lands_on_the_data_point(
+        scheduler, sampler, steps, prediction, clip, cond, seed):
+    assert_lands_on_x_star(sample_exact(scheduler, prediction=prediction, sampler=sampler,
+                                        steps=steps, clip=clip, cond=cond, seed=seed))
+
+
+def test_heun_counts_its_network_evaluations_honestly(scheduler):
+    calls = []
+    model = ExactDenoiser(X_STAR, scheduler, "eps")
+    counting = lambda x, t, labels=None: calls.append(1) or model(x, t, labels)
+    counting.parameters = model.parameters
+    for steps in (1, 2, 9, 10):
+        calls.clear()
+        vd.generate(counting, scheduler, vd.Config(image_size=4, prediction="eps"), None,
+                    shape=(1, 1, 4, 4), guidance_scale=1.0, sampler="heun", steps=steps)
+        assert len(calls) == vd.network_evaluations("heun", steps) <= steps
+
+
+@given(a=st.floats(0.1, 2.0), steps=st.integers(1, 30), seed=st.integers(0, 2**16))
+def test_flow_sde_at_a_0_is_euler_and_any_a_lands_on_a_one_image_data_set(a, steps, seed):
+    denoise = lambda x, t: ExactVelocity(X_STAR)(x, torch.full((len(x),), float(t)))
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(seed))
+    s_grid = torch.linspace(1, 0, steps + 1).tolist()
+    euler = list(vd.euler_sampler(denoise, x, s_grid, T))
+    sde_0 = list(vd.flow_sde_sampler(denoise, x, s_grid, T, 0.0, torch.Generator()))
+    assert all(torch.equal(e, s) for e, s in zip(euler, sde_0))
+    sde = list(vd.flow_sde_sampler(denoise, x, s_grid, T, a, torch.Generator().manual_seed(1)))
+    assert_lands_on_x_star(sde[-1])
+
+
+def test_flow_sde_step_drift_is_the_ode_minus_half_sigma_squared_times_the_score():
+    """With z = 0 the step is x + [v − σ²/2·∇log p_s]·ds, ∇log p_s = −(x + (1−s)·v)/s."""
+    x, v = torch.randn(4), torch.randn(4)
+    s, s_next, a = 0.6, 0.5, 0.8
+    sigma2 = a**2 * s / (1 - s)
+    score = -(x + (1 - s) * v) / s
+    expected = x + (v - sigma2 / 2 * score) * (s_next - s)
+    close(vd.flow_sde_step(x, s, s_next, v, a, torch.zeros(4)), expected, 1e-6)
+
+
+def test_cosine_schedule_matches_its_closed_form_and_clips_beta_at_0999():
+    s = 0.008
+    f = lambda u: math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+    scheduler = vd.scheduler_for(vd.Config(schedule="cosine"))
+    alpha_bar = scheduler.alpha_bar.double()
+    for t in (0, 10, 500, 990):  # ᾱ_t = f((t+1)/T)/f(0): t counts from 0 here
+        assert math.isclose(alpha_bar[t].item(), f((t + 1) / T) / f(0), rel_tol=1e-5)
+    betas = vd.cosine_betas(T)
+    assert betas.max() == 0.999 and (betas[:-1] < 0.999).all()   # only the last is clipped
+    assert (betas > 0).all() and (alpha_bar.diff() < 0).all()
+
+
+@given(t=timesteps, seed=st.integers(0, 2**16))
+def test_x0_target_converts_to_the_true_noise_and_back(scheduler, t, seed):
+    x0, noise, x_t = noised_sample(scheduler, t, seed)
+    assert torch.equal(vd.training_target(scheduler, x0, t, noise, "x0"), x0)
+    pred_noise = vd.noise_from_output(scheduler, x_t, t, x0, "x0")
+    close(pred_noise, noise, 2e-2 if t < 5 else 1e-3)  # ÷ √(1−ᾱ_t): float32 at small t
+    close(vd.predict_x0(scheduler, x_t, t, pred_noise), x0, 1e-4)
+
+
+def test_the_posterior_variance_is_the_variance_of_q_x_prev_given_x_t_and_x0(scheduler):
+    alpha_bar = linear_alpha_bar()
+    alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+    betas = 1 - alpha_bar / alpha_bar_prev
+    expected = (1 - alpha_bar_prev) / (1 - alpha_bar) * betas       # Ho et al., eq. 7
+    close(scheduler.posterior_variance.double(), expected, 1e-9, 1e-4)
+    x, pred_noise = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    for t in (0, 1, 600):  # one z for both draws: they differ by (√β̃_t − √β_t)·z, none at t = 0
+        draw = lambda variance: scheduler.sample_prev_image_distribution(
+            x, t, pred_noise, torch.Generator().manual_seed(3), variance)
+        gap = (expected[t].sqrt() - betas[t].sqrt()).float() * z * (t > 0)
+        close(draw("posterior") - draw("beta"), gap, 1e-6)
+
+
+@pytest.mark.parametrize("t", [0, 9, 99, 499])
+def test_t_single_steps_of_the_markov_chain_give_the_jump_of_noise_image(scheduler, t):
+    n, x0 = 20000, torch.tensor(0.7)
+    generator = torch.Generator().manual_seed(t)
+    x = x0.expand(n).clone()
+    for step in range(t + 1):  # steps 0 … t: q(x_step | x_{step−1}) each
+        x = scheduler.noise_step(x, step, torch.randn(n, generator=generator))
+    mean, std = scheduler.sqrt_alpha_bar[t] * x0, scheduler.sqrt_one_minus_alpha_bar[t]
+    assert abs(x.mean() - mean) < 5 * std / math.sqrt(n)
+    assert abs(x.var() / std**2 - 1) < 5 * math.sqrt(2 / n)
 
 
 def test_guidance_applies_inside_its_interval_only_endpoints_included():
@@ -720,7 +916,7 @@ def test_cross_attention_has_several_keys_and_weights_that_depend_on_the_image_t
     model(torch.randn(2, 1, 28, 28), torch.tensor([10, 700]), torch.tensor([3, 10]))
     queries, context = captured["inputs"]
     assert context.shape[1] >= 2  # one key: softmax ≡ 1, an added bias that ignores the image
-    weights = attention.attention_weights(queries, context)  # [B, heads, N, M]
+    weights = vd.attention_weights(attention, queries, context)  # [B, heads, N, M]
     assert weights.shape == (2, 2, 49, context.shape[1])
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2, 49))
     assert weights.std(dim=2).amax() > 1e-2  # image tokens attend differently
@@ -847,6 +1043,99 @@ def test_part_one_alone_trains_and_samples_a_complete_model():
     samples = part_one["sample_ddpm_cfg"](model.eval(), scheduler, torch.tensor([1, 7]), 2.0,
                                           (2, 1, 28, 28), torch.Generator().manual_seed(0))
     assert samples.shape == (2, 1, 28, 28) and torch.isfinite(samples).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Lifting: each section runs with exactly what its banner's "Needs:" line names
+# ---------------------------------------------------------------------------------------------
+
+def file_sections():
+    """{'I.2': (position, source, needs)}: each numbered section of Parts I and II, from its
+    banner to the next one, and the sections and imports its "Needs:" line names."""
+    import re
+    lines = open(os.path.join(HERE, "vanilla_diffusion.py"), encoding="utf-8").read().splitlines()
+    starts = [i for i, line in enumerate(lines) if re.match(r"# I{1,2}\.\d+ ", line)]
+    part_three = next(i for i, line in enumerate(lines) if line.startswith("# Part III"))
+    sections = {}
+    for k, start in enumerate(starts):
+        end = min(starts[k + 1] - 1 if k + 1 < len(starts) else part_three, part_three)
+        end = next((i for i in range(start, end) if lines[i].startswith("# ====")), end)
+        body = lines[start - 1:end]
+        banner_end = next(i for i in range(1, len(body)) if body[i].startswith("# ---"))
+        banner = " ".join(line.lstrip("# ") for line in body[:banner_end])
+        needs = banner.split("Needs:")[1] if "Needs:" in banner else ""
+        needs = re.split(r"\b(?:Buys|Idea|Replaces):|Draw x0|From x_", needs)[0]
+        refs = []
+        for part, low, high in re.findall(r"\b(I{1,2})\.(\d+)(?:–I{1,2}\.(\d+))?", needs):
+            refs += [f"{part}.{n}" for n in range(int(low), int(high or low) + 1)]
+        imports = re.findall(r"`((?:import|from) [^`]+)`", needs)
+        name = re.match(r"# (I{1,2}\.\d+) ", lines[start]).group(1)
+        sections[name] = (start, "\n".join(body), refs, imports)
+    return sections
+
+
+def lifted(*names):
+    """A fresh namespace holding `import torch` and the named sections with all they need."""
+    sections, wanted, todo = file_sections(), set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name not in wanted:
+            wanted.add(name)
+            todo += sections[name][2]
+    namespace = {"__name__": "lifted"}
+    imports = {line for name in wanted for line in sections[name][3]}
+    exec("import torch\n" + "\n".join(sorted(imports)), namespace)
+    for name in sorted(wanted, key=lambda name: sections[name][0]):  # in the file's order
+        exec(compile(sections[name][1], name, "exec"), namespace)
+    return namespace
+
+
+def test_every_part_two_banner_says_what_it_needs():
+    sections = file_sections()
+    for name, (_, _, refs, _) in sections.items():
+        if name.startswith("II."):
+            assert refs, f"{name} has no Needs: line naming sections"
+
+
+@pytest.mark.parametrize("section, make_loop", [
+    ("II.5", lambda ns, denoise, sch, x: ns["ddpm_sampler"](denoise, sch, x, 30)),
+    ("II.6", lambda ns, denoise, sch, x: ns["ddim_sampler"](denoise, sch, x, [999, 500, 100])),
+    ("II.7", lambda ns, denoise, sch, x: ns["dpm_solver_sampler"](denoise, sch, x,
+                                                                   [999, 500, 100])),
+    *[("II.13", lambda ns, denoise, sch, x, loop=loop: ns[loop](
+        ns["SigmaDenoiser"](denoise, sch), x, ns["sigma_schedule"](sch, [999, 500, 100])))
+      for loop in ("euler_sigma_sampler", "euler_ancestral_sampler", "heun_sampler",
+                   "dpmpp_2m_sampler", "dpmpp_2m_sde_sampler")],
+    ("II.11", lambda ns, denoise, sch, x: ns["euler_sampler"](denoise, x, [1.0, 0.5, 0.0], T)),
+    ("II.12", lambda ns, denoise, sch, x: ns["flow_sde_sampler"](denoise, x, [1.0, 0.5, 0.0],
+                                                                 T, 0.7)),
+])
+def test_each_part_two_sampler_lifts_alone_and_samples_from_a_tiny_dit(section, make_loop):
+    """The sampler's section, II.8's Denoiser and I.3's DiT, with what their banners name, in a
+    namespace of their own: the same images as the whole file draws."""
+    flow = section in ("II.11", "II.12")
+    objective = "flow" if flow else "eps"
+    outputs = []
+    for ns in (lifted(section, "II.8", "I.3"), vars(vd)):
+        config = ns["Config"](cond=True, width=32, depth=2, heads=2, label_tokens=2,
+                              objective=objective)
+        torch.manual_seed(0)
+        model = randomized(ns["DiT"](config), std=0.05)
+        scheduler = ns["NoiseScheduler"](T)
+        denoise = ns["Denoiser"](model, scheduler, config, torch.tensor([3, 7]), 2.0)
+        x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(2)  # the noisy samplers' fresh noise, drawn without a generator
+        outputs.append(list(make_loop(ns, denoise, scheduler, x))[-1])
+    assert outputs[0].shape == (2, 1, 28, 28) and torch.isfinite(outputs[0]).all()
+    close(outputs[0], outputs[1], 1e-5)
+
+
+def test_part_ones_sampler_takes_any_callable_network():
+    scheduler = vd.NoiseScheduler(20)
+    zero_noise = lambda x, t, labels=None: torch.zeros_like(x)   # no parameters at all
+    out = vd.sample_ddpm_cfg(zero_noise, scheduler, torch.tensor([1]), 1.5, (1, 1, 4, 4),
+                             torch.Generator().manual_seed(0))
+    assert out.shape == (1, 1, 4, 4) and torch.isfinite(out).all()
 
 
 def test_part_two_loss_with_eps_and_uniform_t_is_part_one_loss_bit_for_bit(scheduler):
@@ -1036,9 +1325,10 @@ def test_the_sampler_rows_share_one_noise_and_end_with_ddpm_over_all_t(scheduler
     monkeypatch.setattr(vd, "generate", lambda *a, **k: calls.append(k) or real_generate(*a, **k))
     rows = vd.sampler_rows(ExactDenoiser(X_STAR, scheduler, "eps"), scheduler, config, None,
                            1.0, None, noise, (1, 3))
+    names = ["ddim", "dpm", *vd.SHOW_SIGMA_SAMPLERS]
     assert [(k["sampler"], k["steps"]) for k in calls] == [
-        ("ddim", 1), ("ddim", 3), ("dpm", 1), ("dpm", 3), ("ddpm", T)]
-    assert all(k["noise"] is noise for k in calls) and list(rows) == ["ddim", "dpm", "ddpm"]
+        *[(name, count) for name in names for count in (1, 3)], ("ddpm", T)]
+    assert all(k["noise"] is noise for k in calls) and list(rows) == [*names, "ddpm"]
 
 
 def test_the_label_map_is_the_share_of_attention_on_the_label_tokens():
@@ -1047,7 +1337,7 @@ def test_the_label_map_is_the_share_of_attention_on_the_label_tokens():
     x, labels, weights = torch.randn(2, 1, 28, 28), torch.tensor([3, 8]), []
     for block in model.blocks:
         block.cross_attn.register_forward_hook(lambda attention, inputs, output: weights.append(
-            attention.attention_weights(*inputs)))
+            vd.attention_weights(attention, *inputs)))
     share = vd.label_attention(model, x, 500, labels)                     # [B, 7, 7]
     weights = torch.stack(weights)                                       # [depth, B, h, N, M]
     close(weights.sum(-1), torch.ones_like(weights.sum(-1)), 1e-5)       # a softmax over keys
@@ -1276,6 +1566,34 @@ def test_evaluate_prints_accuracy_and_distance_table(trained, tiny_mnist, capsys
     assert all(0 <= float(row[-2].rstrip("%")) <= 100 for row in rows)  # the faint share
 
 
+
+def test_evaluate_takes_the_sigma_samplers_and_counts_heuns_evaluations(trained, tiny_mnist,
+                                                                         capsys):
+    vd.main(["evaluate", "--ckpt", trained, "--data-dir", tiny_mnist, "--per-label", "1",
+             "--guidance-scales", "2", "--samplers", "heun:4,dpm++2m-karras:3",
+             "--sigma-min", "0.05"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.strip().startswith(("heun", "dpm++2m-karras"))]
+    assert [row[:2] for row in rows] == [["heun", "3"], ["dpm++2m-karras", "3"]]
+
+
+def test_a_cosine_x0_run_samples_with_the_new_samplers_and_the_posterior_variance(
+        tiny_mnist, tmp_path, capsys):
+    ckpt = train_tiny(tiny_mnist, tmp_path / "run", "--cond", "--schedule", "cosine",
+                      "--prediction", "x0")
+    config = vd.load_checkpoint(ckpt)[1]
+    assert (config.schedule, config.prediction) == ("cosine", "x0")
+    sample = ["sample", "--ckpt", ckpt, "--label", "2", "--n", "2"]
+    for sampler, extra in (("heun", []), ("euler-a-karras", ["--eta", "0.5"]),
+                           ("dpm++2m-sde", ["--eta", "0.5"])):
+        vd.main([*sample, "--sampler", sampler, "--steps", "4", *extra,
+                 "--output", str(tmp_path / f"{sampler}.png")])
+    vd.main([*sample, "--sampler", "ddpm", "--variance", "posterior",
+             "--output", str(tmp_path / "ddpm.png")])
+    out = capsys.readouterr().out
+    assert "heun with 3 network evaluations" in out and "ddpm with 1000" in out
+    assert png_size(tmp_path / "ddpm.png") == png_size(tmp_path / "heun.png")
+
 def expect_one_line_error(args, message, capsys, code=None):
     with pytest.raises(SystemExit) as exit_info:
         vd.main(args)
@@ -1292,7 +1610,9 @@ def expect_one_line_error(args, message, capsys, code=None):
     (["--seed", "-1"], "whole number ≥ 0"),
     (["--ckpt", "/nonexistent/ckpt.pt"], "no checkpoint at /nonexistent/ckpt.pt"),
     (["--steps", "5000"], "--steps must be between 1 and T = 1000"),
-    (["--sampler", "euler"], "--objective flow"),
+    (["--sde-noise", "0.5"], "--sde-noise needs a checkpoint trained with --objective flow"),
+    (["--sigma-min", "0.1"], "--sigma-min needs a *-karras sampler (got dpm)"),
+    (["--variance", "posterior"], "--variance needs --sampler ddpm (got dpm)"),
     (["--sampler", "ddpm", "--steps", "10"], "all T = 1000 steps"),
     (["--init-image", "/nonexistent.png", "--label", "3"], "no init image"),
     (["--guidance-scale", "nan"], "finite number"),
@@ -1303,7 +1623,7 @@ def expect_one_line_error(args, message, capsys, code=None):
     (["--gif", "denoise.png"], "must end in one of .gif"),
     (["--classifier-scale", "nan"], "--classifier-scale: must be a number in [0, 100]"),
     (["--classifier-scale", "inf"], "--classifier-scale: must be a number in [0, 100]"),
-    (["--eta", "0.5"], "--eta is DDIM's noise; add --sampler ddim"),
+    (["--eta", "0.5"], "--eta needs a sampler that adds fresh noise"),
     (["--eta", "2", "--sampler", "ddim"], "--eta: must be a number in [0, 1]"),
     (["--sampler", "vanilla"], "needs a network that predicts ε"),
 ])
@@ -1323,7 +1643,8 @@ def test_every_train_flag_reaches_the_config():
              "warmup_steps": "7", "ema_decay": "0.99", "min_snr_gamma": "5",
              "t_sampling": "uniform", "logsnr_mean": "-1", "logsnr_std": "1.5",
              "patch_size": "7", "width": "32", "depth": "2", "heads": "4",
-             "conv_channels": "8", "prediction": "eps", "adam_beta2": "0.95"}
+             "conv_channels": "8", "prediction": "eps", "adam_beta2": "0.95",
+             "schedule": "cosine"}
     argv = ["train", "--cond"]
     for name, value in flags.items():
         argv += ["--" + name.replace("_", "-"), value]
@@ -1373,6 +1694,8 @@ def test_a_finished_run_is_not_overwritten_without_overwrite(trained, tiny_mnist
     out_dir = os.path.dirname(trained)
     expect_one_line_error(["train", "--data-dir", tiny_mnist, "--out-dir", out_dir],
                           "already holds a run", capsys, code=1)
+    expect_one_line_error(["train", "--data-dir", tiny_mnist, "--out-dir", out_dir, "--resume",
+                           "--overwrite"], "give one of the two", capsys, code=1)
     assert open(trained, "rb").read() == before
 
 
@@ -1522,7 +1845,58 @@ def test_flow_checkpoint_samples_with_euler_does_img2img_and_refuses_ddpm(tiny_m
     vd.main([*sample, "--output", str(tmp_path / "a.png")])
     vd.main([*sample, "--init-image", os.path.join(HERE, "assets", "three.png"),
              "--strength", "0.5", "--output", str(tmp_path / "b.png")])
-    assert "euler with 3 steps" in capsys.readouterr().out
+    assert "euler with 3 network evaluations" in capsys.readouterr().out
     assert png_size(tmp_path / "a.png") == png_size(tmp_path / "b.png") == (62, 62)
     expect_one_line_error(["sample", "--ckpt", ckpt, "--sampler", "ddpm"],
                           "trained with --objective flow", capsys)
+
+
+# ---------------------------------------------------------------------------------------------
+# The shipped models (assets/models/): digits right after `git clone`
+# ---------------------------------------------------------------------------------------------
+
+SHIPPED_PICTURES = {"conditional": ("shipped_fours.png", ["--label", "4"]),
+                    "unconditional": ("shipped_unconditional.png", [])}
+
+
+def test_the_shipped_models_load_weights_only_match_the_defaults_and_stay_under_4_mb():
+    """A change of the defaults or of the checkpoint format fails here until the shipped files
+    are retrained or upgraded in the same change."""
+    for kind, path in vd.SHIPPED_MODELS.items():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        assert state["shipped"] and "optimizer" not in state and "generator" not in state
+        assert state["format"] == vd.CHECKPOINT_FORMAT
+        assert set(state["config"]) == set(vars(vd.Config()))  # every field, as saved today
+        argv = ["train", "--cond"] if kind == "conditional" else ["train"]
+        assert vd.load_checkpoint(path)[1] == vd.config_from_flags(
+            vd.build_parser().parse_args(argv))
+        assert (state["guide"] is not None) == (kind == "unconditional")
+    assert sum(os.path.getsize(path) for path in vd.SHIPPED_MODELS.values()) <= 4 * 2**20
+
+
+def decoded(path):
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+    return pil_to_tensor(Image.open(path).convert("L")).int()
+
+
+@pytest.mark.parametrize("kind", SHIPPED_PICTURES)
+def test_the_shipped_models_draw_the_readmes_pictures_on_the_cpu(kind, tmp_path):
+    picture, argv = SHIPPED_PICTURES[kind]
+    vd.main(["sample", "--ckpt", vd.SHIPPED_MODELS[kind], "--device", "cpu", *argv,
+             "--output", str(tmp_path / picture)])
+    gap = (decoded(tmp_path / picture) - decoded(os.path.join(HERE, "assets", picture))).abs()
+    assert gap.float().mean() < 0.5 and gap.max() <= 16  # of 255: float rounding, not images
+
+
+def test_without_a_checkpoint_sample_uses_the_shipped_model_and_never_resumes_it(
+        tmp_path, monkeypatch, capsys, tiny_mnist):
+    monkeypatch.chdir(tmp_path)
+    vd.main(["sample", "--label", "4", "--n", "4"])
+    out = capsys.readouterr().out
+    assert "no runs/ckpt.pt yet: using the shipped model" in out and "train --cond" in out
+    assert png_size(tmp_path / "samples.png") == (62, 62)
+    os.makedirs("runs")
+    shutil.copy(vd.SHIPPED_MODELS["conditional"], "runs/ckpt.pt")
+    expect_one_line_error(["train", "--data-dir", tiny_mnist, "--resume"],
+                          "is a shipped model (sampling weights only)", capsys, code=1)

@@ -1,37 +1,40 @@
 """VanillaDiffusion: diffusion on MNIST in one file, a lecture in three parts that runs.
 
-Start here (`train --cond` took 9 minutes on the 2-core CPU the README was measured on):
-    python vanilla_diffusion.py train --cond          # learn to draw digits; writes runs/ckpt.pt
-    python vanilla_diffusion.py sample --label 4      # draw sixteen 4s into samples.png
-    python vanilla_diffusion.py evaluate              # judge them: label accuracy, Fréchet distance
+Start here: two trained models ship in assets/models/, so the first command draws at once.
+    python vanilla_diffusion.py sample --label 4      # sixteen 4s into samples.png, in seconds
+    python vanilla_diffusion.py train --cond          # your own model (9 min on 2 CPU cores)
+    python vanilla_diffusion.py evaluate              # judge it: label accuracy, Fréchet distance
     python vanilla_diffusion.py show                  # pictures of what it does at each step
     python vanilla_diffusion.py train --cond --vanilla --out-dir runs/vanilla   # exactly Part I
 
-Part I — vanilla diffusion (~390 lines): read it to learn. It uses nothing defined after it, so
+Part I — vanilla diffusion (~440 lines): read it to learn. It uses nothing defined after it, so
 you may stop at its end with a complete diffusion model, and copy any section with the imports
 and the sections its banner says it needs.
-    I.1  Config            every knob of the file: Part I's first, then the upgrades'
-    I.2  Noise scheduler   the tables, the forward process noise_image, the reverse step
-                           sample_prev_image_distribution (Ho et al. 2020)
+    I.1  Config            Part I's knobs: the data, the schedule, the DiT, training, guidance
+    I.2  Noise scheduler   the tables, the forward chain noise_step and its jump noise_image,
+                           the reverse step sample_prev_image_distribution (Ho et al. 2020)
     I.3  DiT               image patches, self-attention, cross-attention to the label, the
                            timestep through adaLN-Zero (Peebles & Xie 2023)
     I.4  Data              MNIST as one tensor in [−1, 1]
     I.5  Training          Algorithm 1 with label dropout: ddpm_loss, train_step
     I.6  Sampling          Algorithm 2 with classifier-free guidance: sample_ddpm_cfg
-Part II — the upgrades the defaults use (~400 lines): each section says what it replaces in
-Part I, the idea and its paper, and what it measurably buys (the numbers are in the README and
+Part II — the upgrades (~700 lines): each section says what it replaces in Part I, what it
+needs, the idea and its paper, and what it measurably buys (the numbers are in the README and
 docs/).
-    II.1 conv stem and head     II.2 v-prediction          II.3 where t is drawn
-    II.4 EMA of the weights     II.5 the clamped x0        II.6 DDIM
-    II.7 DPM-Solver++           II.8 guidance, generalised II.9 classifier guidance
-    II.10 image-to-image        II.11 rectified flow
-Part III — the tool (~1,640 lines), after the lecture: the run, checkpoints, evaluation, show, CLI.
+    II.0 the upgrades' knobs    II.1 conv stem and head    II.2 v- and x0-prediction
+    II.3 where t is drawn       II.4 EMA of the weights    II.5 the clamped x0
+    II.6 DDIM                   II.7 DPM-Solver++          II.8 guidance, and the Denoiser
+    II.9 classifier guidance    II.10 image-to-image       II.11 rectified flow
+    II.12 the flow SDE          II.13 the σ view: Euler, Euler a, Heun, DPM++ 2M (SDE), Karras
+    II.14 the cosine schedule
+Part III — the tool, after the lecture: the run, checkpoints, evaluation, show, the command line.
 
 Symbols used in the comments (paper → code):
     T                  → config.num_timesteps        t ∈ {0, …, T−1}, 0-based, indexes the tables
     β_t, α_t = 1 − β_t → scheduler.betas, scheduler.alphas
     ᾱ_t = ∏_{s≤t} α_s  → scheduler.alpha_bar
-    SNR_t = ᾱ_t/(1−ᾱ_t) → scheduler.log_snr holds log SNR_t
+    SNR_t = ᾱ_t/(1−ᾱ_t) → log_snr(scheduler) (II.3) holds log SNR_t
+    σ_t = √((1−ᾱ_t)/ᾱ_t) → sigma_table(scheduler) (II.13), the σ view's noise level
     ε, ε_θ(x_t, t, c)  → noise, pred_noise
     c, ∅               → labels, NULL_LABEL (the "no label" row of the label embedding)
     w                  → guidance_scale
@@ -63,9 +66,9 @@ import torch.nn.functional as F
 # =============================================================================================
 
 # ---------------------------------------------------------------------------------------------
-# I.1 Config: one dataclass holds every default; checkpoints store it, so `sample` rebuilds
-#     the model. Part I's DiT reads the model fields of the first block, the training run
-#     (Part III) the rest of it; the second block switches Part II's upgrades.
+# I.1 Config: one dataclass holds Part I's defaults; checkpoints store it, so `sample` rebuilds
+#     the model. Part I's DiT reads the model fields, the training run (Part III) the rest.
+#     Part II adds the upgrades' knobs to it (II.0). Needs: `from dataclasses import dataclass`.
 # ---------------------------------------------------------------------------------------------
 
 NUM_CLASSES = 10
@@ -74,13 +77,12 @@ NULL_LABEL = NUM_CLASSES  # row 10 of the label embedding means "no label" (∅)
 
 @dataclass
 class Config:
-    # Part I: the data, the noise schedule, the DiT, training and sampling
     image_size: int = 28            # MNIST is 28×28, one grey channel
     num_timesteps: int = 1000       # T
     beta_start: float = 1e-4        # β_0: the linear schedule of Ho et al.
     beta_end: float = 0.02          # β_{T−1}
     cond: bool = False              # `train --cond`: cross-attention to a label
-    patch_size: int = 4             # 4 → 7×7 = 49 tokens (unconditional: 7 → 16, below)
+    patch_size: int = 4             # 4 → 7×7 = 49 tokens
     width: int = 64                 # D, the token width: small, so that CPU minutes buy steps
     depth: int = 3                  # DiT blocks
     heads: int = 2                  # attention heads of D / heads channels each
@@ -88,35 +90,12 @@ class Config:
     label_tokens: int = 4           # tokens per label; with the timestep token, 5 keys
     batch_size: int = 32            # small batches, many steps: a CPU's images/s barely change
     lr: float = 4e-3                # peak learning rate of AdamW
-    adam_beta2: float = 0.999       # AdamW's second-moment decay (unconditional: 0.99, below)
+    adam_beta2: float = 0.999       # AdamW's second-moment decay
     warmup_steps: int = 200         # linear warm-up, then cosine decay to 0
     epochs: int = 5                 # passes over the 60,000 images
     label_drop: float = 0.1         # CFG needs the unconditional task too: p(label → ∅)
-    guidance_scale: float = 1.5     # CFG's w in ε = ε_∅ + w·(ε_c − ε_∅)
-    # Part II: the upgrades, all on by default; `train --vanilla` switches them off
-    vanilla: bool = False           # train with ddpm_loss and sample with sample_ddpm_cfg
-    conv_channels: int = 16         # II.1 conv stem and head around the DiT (0: none)
-    prediction: str = "v"           # II.2 the network outputs ε, or v (converted to ε)
-    t_sampling: str = "logsnr"      # II.3 "uniform" t, or "logsnr": log SNR_t ~ N(μ, σ²)
-    logsnr_mean: float = -2.0       #   μ: below SNR = 1, where a digit's shape is decided
-    logsnr_std: float = 2.0         #   σ: still reaches the low noise of thin strokes
-    min_snr_gamma: float = 0.0      #   min-SNR-γ loss weight; 0: off (it starves high noise)
-    ema_decay: float = 0.999        # II.4 sampling weights: θ_ema ← d·θ_ema + (1 − d)·θ
-    clip_x0: bool = True            # II.5 clamp the predicted x0 to [−1, 1] at each step
-    sampler: str = "dpm"            # II.6–7 "dpm", "ddim"; "ddpm", "vanilla" (I.6): all T
-    sample_steps: int = 15          #   network evaluations of ddim / dpm / euler
-    guidance_low: float = 0.1       # II.8 guide only where t/(T−1) ∈ [low, high]; else w = 1
-    guidance_high: float = 0.7
-    guide_at: float = 0.25          # II.8 unconditional: the EMA at this share of training is
-                                    #   kept as the weak guide of autoguidance (0: none)
-    autoguidance_scale: float = 4.0  # w in ε = ε_guide + w·(ε − ε_guide)
-    objective: str = "eps"          # II.11 "eps": the DDPM schedule; "flow": rectified flow
-
-
-# With no label to attend to, the unconditional model learns a digit's shape faster per minute
-# from 4×4 = 16 larger patches with 4 heads and AdamW's β2 = 0.99 (as EDM2 uses), and gets 1.4×
-# the conditional model's time (14 epochs; docs/experiments.md): its own defaults.
-UNCONDITIONAL_DEFAULTS = {"patch_size": 7, "heads": 4, "adam_beta2": 0.99, "epochs": 14}
+    guidance_scale: float = 1.5     # w in ε = ε_∅ + w·(ε_c − ε_∅); Ho & Salimans write this
+                                    #   (1 + w')·ε_c − w'·ε_∅, so w = 1 + w': 1.5 is their 0.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,11 +122,13 @@ def gaussian_like(x, generator=None):
 class NoiseScheduler:
     """The linear β schedule's tables, the forward process and the reverse step."""
 
-    def __init__(self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02):
+    def __init__(self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02, betas=None):
         self.num_timesteps = num_timesteps                                  # T
-        betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+        if betas is None:  # Part II's cosine schedule (II.14) passes its own
+            betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
         alphas = 1 - betas
         alpha_bar = torch.cumprod(alphas, dim=0)
+        alpha_bar_prev = torch.cat([torch.ones(1, dtype=alpha_bar.dtype), alpha_bar[:-1]])
         # computed in float64, kept in float32; t ∈ {0, …, T−1} indexes every table
         self.betas = betas.float()                                          # β_t, linear in t
         self.alphas = alphas.float()                                        # α_t = 1 − β_t
@@ -155,7 +136,8 @@ class NoiseScheduler:
         self.sqrt_alphas = alphas.sqrt().float()                            # √α_t
         self.sqrt_alpha_bar = alpha_bar.sqrt().float()                      # √ᾱ_t
         self.sqrt_one_minus_alpha_bar = (1 - alpha_bar).sqrt().float()      # √(1−ᾱ_t)
-        self.log_snr = (alpha_bar / (1 - alpha_bar)).log().float()          # log SNR_t ↓ in t
+        posterior_variance = (1 - alpha_bar_prev) / (1 - alpha_bar) * betas
+        self.posterior_variance = posterior_variance.float()    # β̃_t = (1−ᾱ_{t−1})/(1−ᾱ_t)·β_t
 
     def to(self, device):
         """Move every table to `device`, as nn.Module.to does for a model."""
@@ -163,6 +145,12 @@ class NoiseScheduler:
             if torch.is_tensor(value):
                 setattr(self, name, value.to(device))
         return self
+
+    def noise_step(self, x_prev, t, noise):
+        """One step of the forward chain, q(x_t | x_{t−1}) = N(√(1−β_t)·x_{t−1}, β_t·I) (eq. 2):
+        the steps 0, 1, …, t applied to x0 give noise_image's x_t in distribution."""
+        return per_sample(self.sqrt_alphas, t, x_prev) * x_prev + per_sample(
+            self.betas, t, x_prev).sqrt() * noise
 
     def noise_image(self, x0, t, noise=None):
         """q(x_t | x0) in one jump: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε; returns (x_t, ε)."""
@@ -172,24 +160,28 @@ class NoiseScheduler:
         noise_part = per_sample(self.sqrt_one_minus_alpha_bar, t, x0) * noise
         return signal_part + noise_part, noise
 
-    def sample_prev_image_distribution(self, x_t, t, pred_noise, generator=None):
+    def sample_prev_image_distribution(self, x_t, t, pred_noise, generator=None, variance="beta"):
         """One reverse step x_t → x_{t−1} ~ p_θ(x_{t−1} | x_t), line 4 of Algorithm 2."""
         # 1. the mean μ_θ = 1/√α_t · (x_t − β_t/√(1−ᾱ_t) · ε_θ), eq. 11
         beta = per_sample(self.betas, t, x_t)                               # β_t
         noise_coef = beta / per_sample(self.sqrt_one_minus_alpha_bar, t, x_t)
         mean = (x_t - noise_coef * pred_noise) / per_sample(self.sqrt_alphas, t, x_t)
-        # 2. x_{t−1} = μ_θ + σ_t·z with σ_t² = β_t, z ~ N(0, I); the last step (t = 0) adds none
+        # 2. x_{t−1} = μ_θ + σ_t·z, z ~ N(0, I), with σ_t² = β_t or the posterior's β̃_t (the
+        #    paper's §3.2: similar results); the last step (t = 0) adds none
+        table = self.betas if variance == "beta" else self.posterior_variance
         z = gaussian_like(x_t, generator)
         not_last = (torch.as_tensor(t, device=x_t.device) > 0).float()
         not_last = not_last.reshape(-1, *([1] * (x_t.dim() - 1)))         # [B, 1, 1, 1]
-        return mean + not_last * beta.sqrt() * z
+        return mean + not_last * per_sample(table, t, x_t).sqrt() * z
 
 
 # ---------------------------------------------------------------------------------------------
-# I.3 DiT: a noise predictor ε_θ(x_t, t, c) (Peebles & Xie 2023). Needs: I.1.
+# I.3 DiT: a noise predictor ε_θ(x_t, t, c) (Peebles & Xie 2023). Needs: I.1, `import math`,
+#     `import torch.nn as nn`, `import torch.nn.functional as F`.
 #     Image patches become tokens; the timestep enters every block through adaLN-Zero (adaptive
 #     layer norm whose gates start at zero); the label's tokens are the keys and values of a
-#     cross-attention, as text is in Stable Diffusion.
+#     cross-attention, as text is in Stable Diffusion. DiT itself feeds t + c to adaLN; reading
+#     only t there and c through cross-attention is PixArt-α's split (Chen et al. 2023).
 # ---------------------------------------------------------------------------------------------
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -256,11 +248,6 @@ class Attention(nn.Module):
     def forward(self, x, context):
         y = F.scaled_dot_product_attention(*self.project(x, context))   # [B, h, N, d]
         return self.out(y.transpose(1, 2).flatten(2))                   # [B, N, D]
-
-    def attention_weights(self, x, context):
-        """softmax(QKᵀ/√d) [B, h, N, M]: what scaled_dot_product_attention computes inside."""
-        q, k, _ = self.project(x, context)
-        return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
 
 
 def layer_norm(dim):
@@ -352,6 +339,7 @@ class DiT(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 # I.4 Data: MNIST as one tensor in [−1, 1] on the training device; a batch is an index lookup.
+#     Needs: torchvision (imported inside, so the rest of the file runs without it).
 # ---------------------------------------------------------------------------------------------
 
 def load_mnist(data_dir, train=True, device="cpu"):
@@ -410,9 +398,10 @@ def train_step(model, optimizer, scheduler, x0, labels, label_drop=0.1, generato
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def sample_ddpm_cfg(model, scheduler, labels, guidance_scale, shape, generator=None):
-    """Images [B, 1, 28, 28] in about [−1, 1]; labels [B] (None: an unconditional model)."""
-    device = next(model.parameters()).device
+def sample_ddpm_cfg(model, scheduler, labels, guidance_scale, shape, generator=None,
+                    device="cpu"):
+    """Images [B, 1, 28, 28] in about [−1, 1], on `device`; labels [B] (None: unconditional).
+    model is any callable model(x_t, t, labels) → ε_θ."""
     x = gaussian_like(torch.empty(shape, device=device), generator)         # x_{T−1} ~ N(0, I)
     for t in range(scheduler.num_timesteps - 1, -1, -1):
         t_batch = torch.full((shape[0],), float(t), device=device)          # [B]
@@ -448,11 +437,40 @@ def sample_ddpm_cfg(model, scheduler, labels, guidance_scale, shape, generator=N
 # Part II — the upgrades
 #   Each section replaces one piece of Part I and says what it buys; the defaults use them all
 #   (README: the ladder). They build on Part I and on the sections above them, nothing later.
+#   Each banner's "Needs:" names the sections and imports a copy of it needs.
 # =============================================================================================
+
+# ---------------------------------------------------------------------------------------------
+# II.0 The upgrades' knobs: Part I's Config, extended. Needs: I.1, `from dataclasses import
+#   dataclass`. The defaults use every upgrade; `train --vanilla` switches them all off.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Config(Config):
+    vanilla: bool = False           # train with ddpm_loss and sample with sample_ddpm_cfg
+    conv_channels: int = 16         # II.1 conv stem and head around the DiT (0: none)
+    prediction: str = "v"           # II.2 the network outputs ε, v or x0 (each converted to ε)
+    t_sampling: str = "logsnr"      # II.3 "uniform" t, or "logsnr": log SNR_t ~ N(μ, σ²)
+    logsnr_mean: float = -2.0       #   μ: below SNR = 1, where a digit's shape is decided
+    logsnr_std: float = 2.0         #   σ: still reaches the low noise of thin strokes
+    min_snr_gamma: float = 0.0      #   min-SNR-γ loss weight; 0: off (it starves high noise)
+    ema_decay: float = 0.999        # II.4 sampling weights: θ_ema ← d·θ_ema + (1 − d)·θ
+    clip_x0: bool = True            # II.5 clamp the predicted x0 to [−1, 1] at each step
+    sampler: str = "dpm"            # II.6–7, II.13 the sampler `sample` uses by default
+    sample_steps: int = 15          #   its network evaluations
+    guidance_low: float = 0.1       # II.8 guide only where t/(T−1) ∈ [low, high]; else w = 1
+    guidance_high: float = 0.7
+    guide_at: float = 0.25          # II.8 unconditional: the EMA at this share of training is
+                                    #   kept as the weak guide of autoguidance (0: none)
+    autoguidance_scale: float = 4.0  # w in ε = ε_guide + w·(ε − ε_guide)
+    objective: str = "eps"          # II.11 "eps": the DDPM schedule; "flow": rectified flow
+    schedule: str = "linear"        # II.14 Part I's "linear" β, or Nichol & Dhariwal's "cosine"
+
 
 # ---------------------------------------------------------------------------------------------
 # II.1 A conv stem and head around the DiT
 #   Replaces: I.3's linear patch embedding, whose 4×4 patches leave 4×4 blocks in the samples.
+#   Needs: I.3, II.0.
 #   Idea: two 3×3 convolutions give each pixel local features before patchify, and a conv head
 #   reads the unpatchified tokens beside those full-resolution features (a U-Net-style skip).
 #   Buys: at equal time, Part I's distance 107 → 48 (the README's ladder), 11% slower a step.
@@ -484,11 +502,14 @@ def build_network(config):
 
 
 # ---------------------------------------------------------------------------------------------
-# II.2 v-prediction (Salimans & Ho 2022)
-#   Replaces: I.5's target ε. The network outputs v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 instead, and every
-#   sampler converts it back to ε first, so the formulas of Part I stay as they are.
+# II.2 v-prediction (Salimans & Ho 2022), and x0
+#   Replaces: I.5's target ε. Needs: I.2. The network outputs v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 instead
+#   (or x0 itself, the clean image), and every sampler converts it back to ε first, so the
+#   formulas of Part I stay as they are.
 #   Idea: at high noise ε is almost x_t itself and carries no news, while v ≈ −x0: the network
-#   is asked to draw the image. Buys: the ladder's largest rung, distance 48 → 5.8.
+#   is asked to draw the image. Predicting x0 asks the same at high noise, but at low noise
+#   ε = (x_t − √ᾱ_t·x0)/√(1−ᾱ_t) divides its small errors by √(1−ᾱ_t) ≈ 0.01.
+#   Buys: v, the ladder's largest rung, distance 48 → 5.8; x0: README, "Samplers".
 # ---------------------------------------------------------------------------------------------
 
 def velocity(scheduler, x0, t, noise):
@@ -505,37 +526,67 @@ def noise_from_velocity(scheduler, x_t, t, pred_velocity):
     return sqrt_alpha_bar * pred_velocity + sqrt_one_minus_alpha_bar * x_t
 
 
+def noise_from_x0(scheduler, x_t, t, x0):
+    """ε = (x_t − √ᾱ_t·x0) / √(1−ᾱ_t): the noise that x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε implies."""
+    sqrt_alpha_bar = per_sample(scheduler.sqrt_alpha_bar, t, x_t)
+    sqrt_one_minus_alpha_bar = per_sample(scheduler.sqrt_one_minus_alpha_bar, t, x_t)
+    return (x_t - sqrt_alpha_bar * x0) / sqrt_one_minus_alpha_bar
+
+
+def noise_from_output(scheduler, x_t, t, output, prediction):
+    """The network's output as ε_θ, whichever target it was trained on."""
+    if prediction == "v":
+        return noise_from_velocity(scheduler, x_t, t, output)
+    if prediction == "x0":
+        return noise_from_x0(scheduler, x_t, t, output)
+    return output
+
+
 # ---------------------------------------------------------------------------------------------
 # II.3 Where t is drawn: log SNR_t ~ N(μ, σ²) (the log-normal of EDM, Karras et al. 2022)
 #   Replaces: I.5's uniform t. With the linear β, half of the uniform draws have SNR < 0.09,
 #   almost pure noise; drawing log SNR from N(−2, 2²) puts 77% of the steps at t ∈ [300, 800),
 #   where a digit's shape is decided. Buys: distance 5.8 → 5.1 at equal time (the ladder).
 #   min-SNR-γ (Hang et al. 2023) weights the loss instead; it is off, since it starves that range.
+#   Needs: I.1, I.2, I.5 (drop_labels), II.0, II.2.
 # ---------------------------------------------------------------------------------------------
+
+def log_snr(scheduler):
+    """log SNR_t = log(ᾱ_t/(1−ᾱ_t)) [T], decreasing in t; from the square-root tables, whose
+    float64 origin keeps 1−ᾱ_t exact at small t."""
+    return 2 * (scheduler.sqrt_alpha_bar.log() - scheduler.sqrt_one_minus_alpha_bar.log())
+
 
 def sample_timesteps(scheduler, batch_size, config, generator=None):
     """t [B]: uniform, or the first t whose log SNR_t is at most a draw from N(μ, σ²)."""
-    device = scheduler.log_snr.device
+    device = scheduler.betas.device
     if config.t_sampling == "uniform":
         return torch.randint(0, config.num_timesteps, (batch_size,), device=device,
                              generator=generator)
-    log_snr = torch.randn(batch_size, device=device, generator=generator)
-    log_snr = config.logsnr_mean + config.logsnr_std * log_snr      # log SNR ~ N(μ, σ²)
-    t = torch.searchsorted(-scheduler.log_snr, -log_snr)            # first t: log SNR_t ≤ draw
+    draw = torch.randn(batch_size, device=device, generator=generator)
+    draw = config.logsnr_mean + config.logsnr_std * draw                # log SNR ~ N(μ, σ²)
+    t = torch.searchsorted(-log_snr(scheduler), -draw)                  # first t: log SNR_t ≤ draw
     return t.clamp(max=config.num_timesteps - 1)
 
 
 def min_snr_weight(snr, gamma, prediction):
-    """min(SNR, γ)/SNR for an ε-loss, min(SNR, γ)/(SNR + 1) for a v-loss (the same weight on
-    ‖x0 − x̂0‖² either way); γ = 0 switches it off."""
+    """min(SNR, γ)/SNR for an ε-loss, min(SNR, γ)/(SNR + 1) for a v-loss, min(SNR, γ) for an
+    x0-loss (the same weight on ‖x0 − x̂0‖² each way); γ = 0 switches it off."""
     if gamma <= 0:
         return torch.ones_like(snr)
-    denominator = snr if prediction == "eps" else snr + 1
+    denominator = {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[prediction]
     return snr.clamp(max=gamma) / denominator
 
 
+def training_target(scheduler, x0, t, noise, prediction):
+    """What the network learns to output: ε, v (II.2) or x0."""
+    if prediction == "v":
+        return velocity(scheduler, x0, t, noise)
+    return x0 if prediction == "x0" else noise
+
+
 def denoising_loss(model, scheduler, x0, labels, config, generator=None):
-    """I.5's ddpm_loss with t from sample_timesteps and the target ε or v (II.2), times the
+    """I.5's ddpm_loss with t from sample_timesteps and the target ε, v or x0 (II.2), times the
     min-SNR weight when γ > 0: the loss of each image [B], and t/T [B]."""
     B, device = x0.shape[0], x0.device
     if labels is not None:
@@ -543,9 +594,10 @@ def denoising_loss(model, scheduler, x0, labels, config, generator=None):
     t = sample_timesteps(scheduler, B, config, generator)
     noise = torch.randn(x0.shape, device=device, generator=generator)
     x_t, _ = scheduler.noise_image(x0, t, noise)
-    target = noise if config.prediction == "eps" else velocity(scheduler, x0, t, noise)
+    target = training_target(scheduler, x0, t, noise, config.prediction)
     per_image = (model(x_t, t, labels) - target).pow(2).mean(dim=(1, 2, 3))        # [B]
-    weight = min_snr_weight(scheduler.log_snr[t].exp(), config.min_snr_gamma, config.prediction)
+    snr = log_snr(scheduler)[t].exp()
+    weight = min_snr_weight(snr, config.min_snr_gamma, config.prediction)
     return weight * per_image, t.float() / config.num_timesteps
 
 
@@ -554,6 +606,7 @@ def denoising_loss(model, scheduler, x0, labels, config, generator=None):
 #   Replaces: sampling with the last weights of training. Idea: the average of the weights over
 #   the last stretch of training is a better model than any one of them (Ho et al. 2020 used
 #   d = 0.9999; Karras et al. 2024 analyse its length). Sampling always uses the EMA.
+#   Needs: II.0.
 #   Buys: distance 5.1 → 4.9 (the ladder).
 # ---------------------------------------------------------------------------------------------
 
@@ -575,6 +628,7 @@ def ema_decay_at(step, config):
 #   image, x0 = (x_t − √(1−ᾱ_t)·ε_θ)/√ᾱ_t; clamping it to the data range [−1, 1] and stepping
 #   with the ε that matches the clamped x0 keeps an early, wild guess from throwing pixels out.
 #   ddpm_sampler is I.6's loop with this clamp, any network output (denoise) and any start.
+#   Needs: I.2, II.2; drive it with II.8's Denoiser.
 #   Buys: at the default w, nothing measurable (the ladder: 4.93 → 4.92).
 # ---------------------------------------------------------------------------------------------
 
@@ -588,20 +642,21 @@ def predict_x0(scheduler, x_t, t, pred_noise):
 def clamp_prediction(scheduler, x_t, t, pred_noise):
     """x0 clamped to [−1, 1], and the ε that matches it: ε = (x_t − √ᾱ_t·x0) / √(1−ᾱ_t)."""
     x0 = predict_x0(scheduler, x_t, t, pred_noise).clamp(-1, 1)
-    sqrt_alpha_bar = per_sample(scheduler.sqrt_alpha_bar, t, x_t)
-    sqrt_one_minus_alpha_bar = per_sample(scheduler.sqrt_one_minus_alpha_bar, t, x_t)
-    return x0, (x_t - sqrt_alpha_bar * x0) / sqrt_one_minus_alpha_bar
+    return x0, noise_from_x0(scheduler, x_t, t, x0)
 
 
-def ddpm_sampler(denoise, scheduler, x, start_t, generator=None, clip_x0=True, mean_shift=None):
+def ddpm_sampler(denoise, scheduler, x, start_t, generator=None, clip_x0=True, mean_shift=None,
+                 variance="beta"):
     """Algorithm 2 from start_t down to 0; denoise(x, t) returns ε_θ(x_t, t), guided;
-    mean_shift(x, t), if given, moves the step's mean (II.9's classifier guidance)."""
+    mean_shift(x, t), if given, moves the step's mean (II.9's classifier guidance); variance:
+    σ_t² = β_t or the posterior's β̃_t (I.2)."""
     for t in range(start_t, -1, -1):
         pred_noise = denoise(x, t)                                      # ε_θ(x_t, t)
         if clip_x0:
             pred_noise = clamp_prediction(scheduler, x, t, pred_noise)[1]
         shift = 0.0 if mean_shift is None else mean_shift(x, t)
-        x = scheduler.sample_prev_image_distribution(x, t, pred_noise, generator) + shift
+        x = scheduler.sample_prev_image_distribution(x, t, pred_noise, generator, variance)
+        x = x + shift
         yield x                                                         # x_{t−1}
 
 
@@ -611,6 +666,7 @@ def ddpm_sampler(denoise, scheduler, x, start_t, generator=None, clip_x0=True, m
 #   same x0 guess, but the step jumps from t to any earlier t_prev (eq. 12), with η scaling the
 #   fresh noise (η = 1 between consecutive steps is DDPM with σ_t² = β̃_t, the posterior
 #   variance). Buys: 20 steps, not T: 99.8% accuracy (DDPM 99.7%) at 0.10 s an image, not 2.8.
+#   Needs: I.2, II.5; drive it with II.8's Denoiser.
 # ---------------------------------------------------------------------------------------------
 
 def ddim_step(scheduler, x_t, t, t_prev, pred_noise, eta=0.0, generator=None, clip_x0=False):
@@ -656,7 +712,7 @@ def ddim_sampler(denoise, scheduler, x, timesteps, clip_x0=True, eta=0.0, genera
 #   Replaces: DDIM's first-order step. DDIM is the exponential integrator of the probability-flow
 #   ODE in λ = ½·log SNR with x0 held fixed over a step; 2M extrapolates x0 linearly from the
 #   previous step's guess, second order. Buys: 15 evaluations reach distance 4.2 where DDIM's
-#   20 reach 4.9 (the ladder).
+#   20 reach 4.9 (the ladder). Needs: I.2, II.3 (log_snr), II.5; drive it with II.8's Denoiser.
 # ---------------------------------------------------------------------------------------------
 
 def dpm_solver_step(scheduler, x_t, t, t_next, x0, prev_x0=None, h_prev=None):
@@ -664,7 +720,8 @@ def dpm_solver_step(scheduler, x_t, t, t_next, x0, prev_x0=None, h_prev=None):
     With the previous step's x0 it is second order; without it, first order, and then exactly
     ddim_step with η = 0. Returns x_{t_next} and the step h."""
     # 1. the step size in half-log-SNR: h = λ_{t_next} − λ_t, λ = ½·log SNR
-    h = (scheduler.log_snr[t_next] - scheduler.log_snr[t]) / 2
+    lambdas = log_snr(scheduler) / 2
+    h = lambdas[t_next] - lambdas[t]
     # 2. second order: D = (1 + 1/(2r))·x0 − 1/(2r)·x0_prev, with r = h_prev / h
     if prev_x0 is not None:
         r = h_prev / h
@@ -700,7 +757,9 @@ def dpm_solver_sampler(denoise, scheduler, x, timesteps, clip_x0=True):
 #   of itself, its EMA frozen early in training: ε = ε_guide + w·(ε − ε_guide). Guidance in a
 #   limited interval (Kynkäänniemi et al. 2024) applies w only where t/(T−1) ∈ [low, high].
 #   Buys: the interval [0.1, 0.7], distance 4.2 → 3.8 (the ladder); for the unconditional
-#   model, faint speckle 19% → 6.5% (docs/experiments.md).
+#   model, faint speckle 19% → 6.5% (docs/experiments.md). Needs: I.1, II.0, II.2.
+#   The Denoiser below is the adapter every Part II sampler is driven with: a network in,
+#   denoise(x, t) → ε_θ(x_t, t) out, with t as a tensor, v or x0 turned into ε, and guidance.
 # ---------------------------------------------------------------------------------------------
 
 def guided_prediction(model, x, t, labels, guidance_scale, negative_labels=None, guide=None):
@@ -727,6 +786,36 @@ def guidance_at(t, num_timesteps, guidance_scale, interval):
     return guidance_scale if inside else 1.0
 
 
+class Denoiser:
+    """The adapter from a network to what every Part II sampler asks: denoise(x, t) → the
+    guided ε_θ(x_t, t), for an int t.
+
+    t becomes a [B] tensor; a v- or x0-network's output becomes ε (II.2); guidance applies
+    inside its interval; classifier_guide (II.9), if given, turns ε into ε̂. For a flow model
+    (II.11) the output is the velocity v_θ, and t = s·(T−1).
+    """
+
+    def __init__(self, model, scheduler, config, labels=None, guidance_scale=1.0,
+                 negative_labels=None, guidance_interval=(0.0, 1.0), guide=None,
+                 classifier_guide=None):
+        self.model, self.scheduler, self.config = model, scheduler, config
+        self.labels, self.negative_labels, self.guide = labels, negative_labels, guide
+        self.guidance_scale, self.guidance_interval = guidance_scale, guidance_interval
+        self.classifier_guide = classifier_guide
+
+    def __call__(self, x, t):
+        t_batch = torch.full((len(x),), float(t), device=x.device)     # [B]
+        w = guidance_at(t, self.config.num_timesteps, self.guidance_scale, self.guidance_interval)
+        output = guided_prediction(self.model, x, t_batch, self.labels, w, self.negative_labels,
+                                   self.guide)
+        if self.config.objective == "eps":  # ε_θ from v_θ or x0_θ
+            output = noise_from_output(self.scheduler, x, t, output, self.config.prediction)
+        if self.classifier_guide is not None:
+            output = self.classifier_guide.noise(x, t, output)          # ε̂ = ε − s·√(1−ᾱ)·g
+        return output
+
+
+
 # ---------------------------------------------------------------------------------------------
 # II.9 Classifier guidance (Dhariwal & Nichol 2021), the method CFG replaced
 #   Replaces: I.6's ∅ branch. A separate classifier p_φ(y | x_t, t), trained on noised images,
@@ -734,7 +823,8 @@ def guidance_at(t, num_timesteps, guidance_scale, interval):
 #   p(x_t)·p_φ(y | x_t)^s adds s·g to the score ∇log p(x_t) = −ε/√(1−ᾱ_t), so for DDIM and
 #   DPM-Solver++ ε̂ = ε_θ − s·√(1−ᾱ_t)·g (their Algorithm 2); DDPM shifts the step's mean,
 #   μ → μ + s·σ_t²·g (Algorithm 1). CFG won: no second network, no gradient at every step
-#   (README: classifier guidance, in numbers).
+#   (README: "Classifier guidance, the method CFG replaced"). Needs: I.1–I.3.
+#   Buys: steering for an unconditional model, at a gradient a step (the README's table).
 # ---------------------------------------------------------------------------------------------
 
 def conv_block(c_in, c_out):
@@ -793,10 +883,33 @@ def classifier_mean_shift(scheduler, t, gradient, scale):
     return scale * per_sample(scheduler.betas, t, gradient) * gradient
 
 
+class ClassifierGuide:
+    """Classifier guidance for the samplers: g from the noisy classifier for the wanted labels,
+    applied as ε̂ (give it to II.8's Denoiser: DDIM, DPM-Solver++, the σ samplers) or as a
+    shift of DDPM's mean (ddpm_sampler's mean_shift)."""
+
+    def __init__(self, classifier, scheduler, labels, scale):
+        self.classifier, self.scheduler = classifier.eval(), scheduler
+        self.labels, self.scale = labels, scale
+
+    def gradient(self, x, t):
+        t_batch = torch.full((len(x),), float(t), device=x.device)     # [B]
+        return classifier_gradient(self.classifier, x, t_batch, self.labels)
+
+    def noise(self, x, t, pred_noise):
+        return classifier_guided_noise(self.scheduler, pred_noise, t, self.gradient(x, t),
+                                       self.scale)
+
+    def mean_shift(self, x, t):
+        return classifier_mean_shift(self.scheduler, t, self.gradient(x, t), self.scale)
+
+
 # ---------------------------------------------------------------------------------------------
 # II.10 Image-to-image (SDEdit, Meng et al. 2022)
 #   Replaces: I.6's start from pure noise. The picture is noised with noise_image to
 #   t = strength·(T−1) and denoised from there: strength 1 forgets it, small strengths keep it.
+#   Needs: I.2, II.0, II.11 (a flow model's start). Buys: edits of a real picture
+#   (README, "More in the file").
 # ---------------------------------------------------------------------------------------------
 
 def noised_start(scheduler, config, init_images, strength, noise):
@@ -814,6 +927,8 @@ def noised_start(scheduler, config, init_images, strength, noise):
 #   Replaces: the DDPM schedule and its curved path. The data x0 (s = 0) and the noise ε (s = 1)
 #   are joined by a straight line, the network learns its velocity v = ε − x0, and sampling
 #   integrates dx/ds = v_θ with Euler steps. The network reads s as t = s·(T−1).
+#   Needs: I.5 (drop_labels); drive euler_sampler with II.8's Denoiser.
+#   Buys: at w = 2, the DDPM default's distance with Euler 20 (README, "More in the file").
 # ---------------------------------------------------------------------------------------------
 
 def flow_interpolate(x0, s, noise):
@@ -845,6 +960,218 @@ def euler_sampler(denoise, x, s_grid, num_timesteps):
         pred_velocity = denoise(x, s * (num_timesteps - 1))             # v_θ(x_s, s)
         x = euler_step(x, s, s_next, pred_velocity)
         yield x                                                         # x_{s_next}
+
+
+# ---------------------------------------------------------------------------------------------
+# II.12 A flow sampled with noise: the SDE of Flow-GRPO (Liu et al. 2025, eq. 9)
+#   Replaces: II.11's deterministic Euler steps, optionally. Needs: II.11, `import math`.
+#   Idea: the flow's ODE has a family of SDEs with the same marginals p_s. Pick the noise
+#   σ_s = a·√(s/(1−s)); the score ∇log p_s = −(x + (1−s)·v)/s, known from v, corrects the drift:
+#   x ← x + [v + σ_s²/(2s)·(x + (1−s)·v)]·ds + σ_s·√(−ds)·z, ds = s_next − s < 0. a = 0 is
+#   Euler exactly; larger a adds fresh noise each step, like DDPM against DDIM. At s = 1, where
+#   1 − s = 0, σ_s reads 1 − s_next (as Flow-GRPO does); the last step, to s = 0, is Euler's.
+#   Buys: README, "Samplers" (the flow rows).
+# ---------------------------------------------------------------------------------------------
+
+def flow_sde_step(x_s, s, s_next, velocity, noise_scale, z):
+    """One step of the flow SDE from s to s_next < s, with fresh noise z ~ N(0, I)."""
+    ds = s_next - s                                                     # < 0
+    one_minus_s = 1 - s if s < 1 else 1 - s_next                        # σ_s is finite at s = 1
+    sigma = noise_scale * math.sqrt(s / one_minus_s)                    # σ_s = a·√(s/(1−s))
+    drift = velocity + sigma**2 / (2 * s) * (x_s + (1 - s) * velocity)  # v − σ²/2·∇log p_s
+    return x_s + drift * ds + sigma * math.sqrt(-ds) * z
+
+
+def flow_sde_sampler(denoise, x, s_grid, num_timesteps, noise_scale, generator=None):
+    """Integrate the flow SDE down the grid s_0 > s_1 > … > 0; noise_scale 0 is euler_sampler."""
+    for s, s_next in zip(s_grid[:-1], s_grid[1:]):
+        pred_velocity = denoise(x, s * (num_timesteps - 1))             # v_θ(x_s, s)
+        if s_next == 0:
+            x = euler_step(x, s, s_next, pred_velocity)                 # the last step: no noise
+        else:
+            z = gaussian_like(x, generator)
+            x = flow_sde_step(x, s, s_next, pred_velocity, noise_scale, z)
+        yield x                                                         # x_{s_next}
+
+
+# ---------------------------------------------------------------------------------------------
+# II.13 The σ view (Karras et al. 2022, "EDM") and the samplers WebUI users know
+#   Replaces: II.6–7's steps on the timestep grid, optionally. Needs: I.2, II.8 (Denoiser),
+#   `import math`.
+#   Idea: divide x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε by √ᾱ_t: x = x0 + σ·ε, with σ_t = √((1−ᾱ_t)/ᾱ_t).
+#   In this scale the probability-flow ODE is dx/dσ = (x − D(x; σ))/σ, where the denoiser
+#   D(x; σ) = x − σ·ε_θ(x/√(σ²+1), t_σ) is the network's clean image; so every ε-, v- or
+#   x0-network of this file is a D, and the σ-space solvers of k-diffusion apply as written:
+#   Euler (EDM Algorithm 2 without churn; WebUI "Euler"), Euler ancestral ("Euler a"), Heun
+#   (EDM Algorithm 1, "Heun"), DPM++ 2M and DPM++ 2M SDE (Lu et al. 2022). A σ between two
+#   entries of the table is moved to the nearest entry in log σ before sampling, so the network
+#   sees only timesteps it was trained on, every conversion is exact, and Euler on the σ of a
+#   timestep grid is DDIM on that grid (Karras et al. §3). The σ's to step through: those of
+#   II.6's grid, or Karras et al.'s σ_i = (σ_max^{1/ρ} + i/(n−1)·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ
+#   (eq. 5, ρ = 7; WebUI's "Karras"), then 0. Buys: WebUI's samplers by name on any
+#   checkpoint (README, "Samplers", says which to use and why Karras σ speckles here).
+# ---------------------------------------------------------------------------------------------
+
+def sigma_table(scheduler):
+    """σ_t = √((1−ᾱ_t)/ᾱ_t) [T], increasing in t."""
+    return scheduler.sqrt_one_minus_alpha_bar / scheduler.sqrt_alpha_bar
+
+
+def nearest_timestep(scheduler, sigma):
+    """The t whose σ_t is nearest to σ in log σ."""
+    return (sigma_table(scheduler).log() - math.log(sigma)).abs().argmin().item()
+
+
+def karras_sigmas(steps, sigma_min, sigma_max, rho=7.0):
+    """σ_max = σ_0 > … > σ_{n−1} = σ_min, evenly spaced in σ^{1/ρ} (Karras et al., eq. 5)."""
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)             # i/(n−1)
+    max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return ((max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho).tolist()
+
+
+def karras_timesteps(scheduler, steps, start_t, sigma_min):
+    """Karras σ's from σ_{start_t} down to sigma_min, each moved to its nearest timestep."""
+    sigma_max = sigma_table(scheduler)[start_t].item()
+    ladder = karras_sigmas(steps, min(sigma_min, sigma_max), sigma_max)
+    timesteps = [nearest_timestep(scheduler, sigma) for sigma in ladder]
+    return list(dict.fromkeys(timesteps))                               # duplicates once
+
+
+def sigma_schedule(scheduler, timesteps):
+    """The σ's a σ sampler steps through: σ_t of each timestep, high noise first, then 0."""
+    sigmas = sigma_table(scheduler)
+    return [sigmas[t].item() for t in timesteps] + [0.0]
+
+
+class SigmaDenoiser:
+    """D(x; σ) = x − σ·ε_θ(x_t, t_σ) from a Denoiser's ε_θ, with x_t = x/√(σ²+1) = √ᾱ·x;
+    clamped to [−1, 1] like II.5's x0 if clip_x0."""
+
+    def __init__(self, denoise, scheduler, clip_x0=True):
+        self.denoise, self.scheduler, self.clip_x0 = denoise, scheduler, clip_x0
+
+    def __call__(self, x, sigma):
+        t = nearest_timestep(self.scheduler, sigma)
+        pred_noise = self.denoise(x / math.sqrt(sigma**2 + 1), t)       # ε_θ(x_t, t)
+        denoised = x - sigma * pred_noise                               # D(x; σ)
+        return denoised.clamp(-1, 1) if self.clip_x0 else denoised
+
+
+def to_d(x, sigma, denoised):
+    """The ODE's slope dx/dσ = (x − D(x; σ))/σ: the noise ε̂ that D takes out of x."""
+    return (x - denoised) / sigma
+
+
+# Each σ sampler takes x_t at sigmas[0] (DDPM's scale), steps in x = x_t·√(σ²+1), and yields
+# x_t = x/√(σ²+1) after each step, so it drops into generate() beside DDIM.
+
+def euler_sigma_sampler(denoiser, x, sigmas):
+    """Euler on dx/dσ (EDM Algorithm 2 without churn): one evaluation a step."""
+    x = x * math.sqrt(sigmas[0]**2 + 1)                                 # x = x_t·√(σ²+1)
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        d = to_d(x, sigma, denoiser(x, sigma))                          # dx/dσ at σ
+        x = x + (sigma_next - sigma) * d
+        yield x / math.sqrt(sigma_next**2 + 1)                          # x_t at σ_next
+
+
+def ancestral_step(sigma, sigma_next, eta=1.0):
+    """σ_down, σ_up: a deterministic step down to σ_down, then fresh noise of σ_up brings the
+    noise level to σ_next (σ_down² + σ_up² = σ_next²); η = 1 is DDPM's amount, 0 none."""
+    sigma_up = eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+    sigma_up = min(sigma_next, sigma_up)
+    return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
+
+
+def euler_ancestral_sampler(denoiser, x, sigmas, eta=1.0, generator=None):
+    """Euler ancestral (k-diffusion's sample_euler_ancestral, WebUI's "Euler a")."""
+    x = x * math.sqrt(sigmas[0]**2 + 1)
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        d = to_d(x, sigma, denoiser(x, sigma))
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        x = x + (sigma_down - sigma) * d                                # Euler down to σ_down
+        x = x + sigma_up * gaussian_like(x, generator)                  # fresh noise up to σ_next
+        yield x / math.sqrt(sigma_next**2 + 1)
+
+
+def heun_sampler(denoiser, x, sigmas):
+    """Heun's method (EDM Algorithm 1): two evaluations a step, plain Euler on the last."""
+    x = x * math.sqrt(sigmas[0]**2 + 1)
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        d = to_d(x, sigma, denoiser(x, sigma))
+        x_euler = x + (sigma_next - sigma) * d                          # Euler's prediction
+        if sigma_next == 0:
+            x = x_euler                                                 # σ = 0 has no slope
+        else:  # the trapezoid: the mean of the slopes at both ends, second order
+            d_next = to_d(x_euler, sigma_next, denoiser(x_euler, sigma_next))
+            x = x + (sigma_next - sigma) * (d + d_next) / 2
+        yield x / math.sqrt(sigma_next**2 + 1)
+
+
+def dpmpp_2m_sampler(denoiser, x, sigmas):
+    """DPM-Solver++(2M) in σ (k-diffusion's sample_dpmpp_2m): II.7 with λ = −log σ."""
+    x = x * math.sqrt(sigmas[0]**2 + 1)
+    old_denoised, h_last = None, None
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        denoised = denoiser(x, sigma)
+        if sigma_next == 0:
+            x = denoised                                                # σ = 0: the data itself
+        else:
+            h = math.log(sigma / sigma_next)                            # h = λ_next − λ
+            denoised_d = denoised
+            if old_denoised is not None:  # second order: D extrapolated, r = h_last/h
+                r = h_last / h
+                denoised_d = (1 + 1 / (2 * r)) * denoised - 1 / (2 * r) * old_denoised
+            x = (sigma_next / sigma) * x - math.expm1(-h) * denoised_d
+            old_denoised, h_last = denoised, h
+        yield x / math.sqrt(sigma_next**2 + 1)
+
+
+def dpmpp_2m_sde_sampler(denoiser, x, sigmas, eta=1.0, generator=None):
+    """DPM-Solver++(2M) SDE (k-diffusion's sample_dpmpp_2m_sde, midpoint): each step keeps
+    e^{−ηh} of the noise and replaces the rest with fresh noise; η = 0 is dpmpp_2m_sampler."""
+    x = x * math.sqrt(sigmas[0]**2 + 1)
+    old_denoised, h_last = None, None
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        denoised = denoiser(x, sigma)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = math.log(sigma / sigma_next)
+            eta_h = eta * h
+            # 1. the first-order step, with only e^{−ηh} of x's noise carried along
+            x = (sigma_next / sigma) * math.exp(-eta_h) * x - math.expm1(-h - eta_h) * denoised
+            # 2. second order: the change of D since the last step, r = h_last/h
+            if old_denoised is not None:
+                r = h_last / h
+                x = x - 0.5 * math.expm1(-h - eta_h) / r * (denoised - old_denoised)
+            # 3. fresh noise of standard deviation σ_next·√(1 − e^{−2ηh})
+            x = x + sigma_next * math.sqrt(-math.expm1(-2 * eta_h)) * gaussian_like(x, generator)
+            old_denoised, h_last = denoised, h
+        yield x / math.sqrt(sigma_next**2 + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# II.14 The cosine schedule (Nichol & Dhariwal 2021)
+#   Replaces: I.2's linear β. Needs: I.2, II.0, `import math`.
+#   Idea: the linear β destroys the image early: its ᾱ_t falls below 0.1 by t ≈ 0.4·T, and the
+#   last third of the steps are near-pure noise. ᾱ(t) = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s)
+#   ·π/2) (their eq. 17), falls evenly instead; s = 0.008 keeps β_0 from being tiny. The β_t =
+#   1 − ᾱ_t/ᾱ_{t−1} it implies reach 1 at t = T, where ᾱ = 0, so each β is clipped at 0.999
+#   (their §3.2): the reverse step's 1/√α_t stays finite. Buys: README, "Samplers".
+# ---------------------------------------------------------------------------------------------
+
+def cosine_betas(num_timesteps, s=0.008, max_beta=0.999):
+    """β_t, t = 0 … T−1, of the cosine schedule, in float64."""
+    steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps    # t/T
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    alpha_bar = f / f[0]                                                # ᾱ(t) = f(t)/f(0)
+    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)    # β_t = 1 − ᾱ_t/ᾱ_{t−1}
+
+
+def scheduler_for(config):
+    """I.2's NoiseScheduler with the config's schedule: linear β, or cosine."""
+    betas = cosine_betas(config.num_timesteps) if config.schedule == "cosine" else None
+    return NoiseScheduler(config.num_timesteps, config.beta_start, config.beta_end, betas)
 
 
 # =============================================================================================
@@ -940,104 +1267,128 @@ def clean_guess(scheduler, config, x_t, t, output):
     return predict_x0(scheduler, x_t, t, output).clamp(-1, 1)
 
 
-class Denoiser:
-    """What a Part II sampler asks the network: x and t in, the guided ε_θ(x_t, t) out.
+class RecordingDenoiser:
+    """A Denoiser that also keeps, for `show`, (t, x_t, the clean image the step aims at)."""
 
-    A v-network's output is turned into ε here (II.2), so every sampler uses the ε formulas;
-    guidance (II.8) applies inside its interval, classifier guidance (II.9) as ε̂ if given.
-    For a flow model the output is the velocity v_θ, and t = s·(T−1).
-    """
-
-    def __init__(self, model, scheduler, config, labels, guidance_scale, negative_labels=None,
-                 guidance_interval=(0.0, 1.0), guide=None, classifier_guide=None, record=None):
-        self.model, self.scheduler, self.config = model, scheduler, config
-        self.labels, self.negative_labels, self.guide = labels, negative_labels, guide
-        self.guidance_scale, self.guidance_interval = guidance_scale, guidance_interval
-        self.classifier_guide, self.record = classifier_guide, record
+    def __init__(self, denoise, scheduler, config, record):
+        self.denoise, self.scheduler, self.config, self.record = denoise, scheduler, config, record
 
     def __call__(self, x, t):
-        t_batch = torch.full((len(x),), float(t), device=x.device)     # [B]
-        w = guidance_at(t, self.config.num_timesteps, self.guidance_scale, self.guidance_interval)
-        output = guided_prediction(self.model, x, t_batch, self.labels, w, self.negative_labels,
-                                   self.guide)
-        if self.config.objective == "eps" and self.config.prediction == "v":
-            output = noise_from_velocity(self.scheduler, x, t, output)  # ε_θ from v_θ
-        if self.classifier_guide is not None:
-            output = self.classifier_guide.noise(x, t, output)          # ε̂ = ε − s·√(1−ᾱ)·g
-        if self.record is not None:  # for `show`: x_t and the clean image the step aims at
-            self.record.append((t, x, clean_guess(self.scheduler, self.config, x, t, output)))
+        output = self.denoise(x, t)
+        self.record.append((t, x, clean_guess(self.scheduler, self.config, x, t, output)))
         return output
 
 
-class ClassifierGuide:
-    """II.9 for the samplers: g from the noisy classifier for the wanted labels, applied as ε̂
-    (DDIM, DPM-Solver++) or as a shift of DDPM's mean."""
-
-    def __init__(self, classifier, scheduler, labels, scale):
-        self.classifier, self.scheduler = classifier.eval(), scheduler
-        self.labels, self.scale = labels, scale
-
-    def gradient(self, x, t):
-        t_batch = torch.full((len(x),), float(t), device=x.device)     # [B]
-        return classifier_gradient(self.classifier, x, t_batch, self.labels)
-
-    def noise(self, x, t, pred_noise):
-        return classifier_guided_noise(self.scheduler, pred_noise, t, self.gradient(x, t),
-                                       self.scale)
-
-    def mean_shift(self, x, t):
-        return classifier_mean_shift(self.scheduler, t, self.gradient(x, t), self.scale)
+SIGMA_SAMPLERS = ("euler", "euler-a", "heun", "dpm++2m", "dpm++2m-sde")   # II.13
+# each name, and what Stable Diffusion WebUI calls it
+SAMPLERS = {"vanilla": "Part I's DDPM loop, all T steps", "ddpm": "DDPM, all T steps",
+            "ddim": "DDIM", "dpm": "DPM++ 2M on the timestep grid, in λ (II.7)",
+            "euler": "Euler (flow models: Euler on the flow)", "euler-a": "Euler a",
+            "heun": "Heun", "dpm++2m": "DPM++ 2M", "dpm++2m-sde": "DPM++ 2M SDE",
+            **{f"{name}-karras": "the same on Karras σ" for name in SIGMA_SAMPLERS}}
 
 
-SAMPLERS = ("vanilla", "ddpm", "ddim", "dpm", "euler")
+@dataclass
+class Sampling:
+    """Every setting of a draw, in one place: the command line fills it, generate() reads it."""
+    sampler: str = "dpm"            # a name of SAMPLERS
+    steps: int = 15                 # network evaluations (Heun: at most this many)
+    guidance_scale: float = 1.5     # CFG's w (autoguidance's, for an unconditional model)
+    guidance_interval: tuple = None  # (low, high) of t/(T−1); None: the checkpoint's
+    negative_labels: torch.Tensor = None
+    guide: nn.Module = None         # autoguidance's weak model (II.8)
+    eta: float = None               # fresh noise: DDIM's η (default 0), Euler a's and DPM++
+                                    #   SDE's (default 1)
+    classifier: nn.Module = None    # II.9's noisy classifier, and its scale s
+    classifier_scale: float = 0.0
+    init_images: torch.Tensor = None  # image-to-image (II.10) from this picture
+    strength: float = 1.0           #   noised to t = strength·(T−1); 1: from pure noise
+    sigma_min: float = None         # the smallest σ of Karras σ's; None: the table's σ_0
+    sde_noise: float = 0.0          # II.12 a of a flow model's SDE; 0: Euler
+    variance: str = "beta"          # DDPM's σ_t²: "beta" (β_t) or "posterior" (β̃_t)
 
 
-def sampler_loop(sampler, denoise, scheduler, config, x, *, start_t, steps, strength,
-                 generator=None, eta=0.0, mean_shift=None):
-    """The loop of the named sampler (II.5–7, II.11), yielding x after every step."""
-    if sampler == "ddpm":
+def network_evaluations(sampler, steps):
+    """How many network evaluations `steps` buys: Heun spends two a step, but one on the last."""
+    if sampler.removesuffix("-karras") == "heun":
+        return 2 * ((steps + 1) // 2) - 1
+    return steps
+
+
+def sampler_timesteps(sampling, scheduler, start_t):
+    """The timesteps a few-step sampler evaluates: II.6's grid, or Karras σ's snapped to it."""
+    name = sampling.sampler
+    count = (sampling.steps + 1) // 2 if name.startswith("heun") else sampling.steps
+    if not name.endswith("-karras"):
+        return sampling_timesteps(start_t, count)
+    sigma_min = sampling.sigma_min or sigma_table(scheduler)[0].item()
+    return karras_timesteps(scheduler, count, start_t, sigma_min)
+
+
+def sampler_loop(denoise, scheduler, config, x, sampling, start_t, generator=None,
+                 mean_shift=None):
+    """The loop of the named sampler (II.5–7, II.11–13), yielding x after every step."""
+    name = sampling.sampler.removesuffix("-karras")
+    if config.objective == "flow":
+        s_grid = torch.linspace(sampling.strength, 0, sampling.steps + 1).tolist()
+        return flow_sde_sampler(denoise, x, s_grid, config.num_timesteps, sampling.sde_noise,
+                                generator)
+    if name == "ddpm":
         return ddpm_sampler(denoise, scheduler, x, start_t, generator, config.clip_x0,
-                            mean_shift)
-    if sampler == "ddim":
-        timesteps = sampling_timesteps(start_t, steps)
-        return ddim_sampler(denoise, scheduler, x, timesteps, config.clip_x0, eta, generator)
-    if sampler == "dpm":
-        timesteps = sampling_timesteps(start_t, steps)
+                            mean_shift, sampling.variance)
+    timesteps = sampler_timesteps(sampling, scheduler, start_t)
+    if name == "ddim":
+        return ddim_sampler(denoise, scheduler, x, timesteps, config.clip_x0,
+                            sampling.eta or 0.0, generator)
+    if name == "dpm":
         return dpm_solver_sampler(denoise, scheduler, x, timesteps, config.clip_x0)
-    s_grid = torch.linspace(strength, 0, steps + 1).tolist()
-    return euler_sampler(denoise, x, s_grid, config.num_timesteps)
+    denoiser, sigmas = SigmaDenoiser(denoise, scheduler, config.clip_x0), sigma_schedule(
+        scheduler, timesteps)
+    eta = 1.0 if sampling.eta is None else sampling.eta
+    if name == "euler":
+        return euler_sigma_sampler(denoiser, x, sigmas)
+    if name == "euler-a":
+        return euler_ancestral_sampler(denoiser, x, sigmas, eta, generator)
+    if name == "heun":
+        return heun_sampler(denoiser, x, sigmas)
+    if name == "dpm++2m":
+        return dpmpp_2m_sampler(denoiser, x, sigmas)
+    return dpmpp_2m_sde_sampler(denoiser, x, sigmas, eta, generator)
 
 
 @torch.no_grad()
-def generate(model, scheduler, config, labels, *, shape, guidance_scale, sampler, steps,
-             negative_labels=None, init_images=None, strength=1.0, generator=None, frames=None,
-             guidance_interval=None, guide=None, eta=0.0, classifier=None, classifier_scale=0.0,
-             noise=None, record=None):
-    """Draw images of `labels` from noise (or from a noised init image): [B, 1, 28, 28] in
-    [−1, 1]. "vanilla" is Part I's loop as it stands; the others run through a Denoiser.
-    noise is x_{T−1} (drawn from the generator if None); frames, if a list, receives x after
-    every step; record, if a list, (t, x_t, guess of x0) at every network evaluation."""
-    if sampler == "vanilla":  # it draws its own noise, and records nothing
-        return sample_ddpm_cfg(model, scheduler, labels, guidance_scale, shape, generator)
+def generate(model, scheduler, config, labels, *, shape, generator=None, noise=None, frames=None,
+             record=None, **settings):
+    """Draw images of `labels` from noise (or from a noised init image): [B, C, H, W] in
+    [−1, 1]; settings are the fields of Sampling. "vanilla" is Part I's loop as it stands; the
+    others run through II.8's Denoiser. noise is x_{T−1} (drawn from the generator if None);
+    frames, if a list, receives x after every step; record, if a list, (t, x_t, guess of x0)
+    at every network evaluation."""
+    sampling = Sampling(**settings)
     device = next(model.parameters()).device
-    if guidance_interval is None:
-        guidance_interval = (config.guidance_low, config.guidance_high)
+    if sampling.sampler == "vanilla":  # it draws its own noise, and records nothing
+        return sample_ddpm_cfg(model, scheduler, labels, sampling.guidance_scale, shape,
+                               generator, device)
+    interval = sampling.guidance_interval or (config.guidance_low, config.guidance_high)
     classifier_guide = None
-    if classifier is not None and classifier_scale != 0:
-        classifier_guide = ClassifierGuide(classifier, scheduler, labels, classifier_scale)
+    if sampling.classifier is not None and sampling.classifier_scale != 0:
+        classifier_guide = ClassifierGuide(sampling.classifier, scheduler, labels,
+                                           sampling.classifier_scale)
+    ddpm = sampling.sampler == "ddpm"  # DDPM takes classifier guidance as a mean shift
     denoise = Denoiser(model, scheduler, config, labels if config.cond else None,
-                       guidance_scale, negative_labels, guidance_interval, guide,
-                       None if sampler == "ddpm" else classifier_guide, record)
+                       sampling.guidance_scale, sampling.negative_labels, interval,
+                       sampling.guide, None if ddpm else classifier_guide)
+    if record is not None:
+        denoise = RecordingDenoiser(denoise, scheduler, config, record)
     if noise is None:
         noise = gaussian_like(torch.empty(shape, device=device), generator)
     x = noise.to(device)                                                # x_{T−1} ~ N(0, I)
-    if init_images is not None:
-        x = noised_start(scheduler, config, init_images, strength, x)
-    start_t = round(strength * (config.num_timesteps - 1))
-    mean_shift = None if classifier_guide is None else classifier_guide.mean_shift
-    for x in sampler_loop(sampler, denoise, scheduler, config, x, start_t=start_t, steps=steps,
-                          strength=strength, generator=generator, eta=eta,
-                          mean_shift=mean_shift):
+    if sampling.init_images is not None:
+        x = noised_start(scheduler, config, sampling.init_images, sampling.strength, x)
+    start_t = round(sampling.strength * (config.num_timesteps - 1))
+    mean_shift = classifier_guide.mean_shift if ddpm and classifier_guide else None
+    for x in sampler_loop(denoise, scheduler, config, x, sampling, start_t, generator,
+                          mean_shift):
         if frames is not None:
             frames.append(x)
     return x
@@ -1171,6 +1522,46 @@ def load_checkpoint(path, device="cpu"):
     return state, config
 
 
+# Two trained models ship with the file (README: where they come from): sampling weights only.
+DEFAULT_CKPT = os.path.join("runs", "ckpt.pt")
+SHIPPED_MODELS = {kind: os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
+                                     "models", f"{kind}.pt")
+                  for kind in ("conditional", "unconditional")}
+
+
+def shown_path(path):
+    """A path as a user would type it from here: relative if below this folder."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def ship_checkpoint(path, out_path):
+    """A training checkpoint as a shipped model: the EMA (and the guide) in float16, the config
+    and the format; no optimiser, no random state, so it samples but cannot resume."""
+    state, config = load_checkpoint(path)
+    half = lambda weights: None if weights is None else {
+        name: value.half() for name, value in weights.items()}
+    durable_save({"ema": half(state["ema"]), "guide": half(state.get("guide")),
+                  "config": asdict(config), "step": state["step"], "seed": state.get("seed"),
+                  "format": CHECKPOINT_FORMAT, "shipped": True}, out_path)
+
+
+def checkpoint_to_use(ckpt):
+    """--ckpt as given; without it runs/ckpt.pt, or the shipped conditional model (said once)."""
+    if ckpt is not None or os.path.isfile(DEFAULT_CKPT):
+        return ckpt or DEFAULT_CKPT
+    shipped = SHIPPED_MODELS["conditional"]
+    print(f"no {DEFAULT_CKPT} yet: using the shipped model {shown_path(shipped)} (train your "
+          f"own with `python vanilla_diffusion.py train --cond`)", flush=True)
+    return shipped
+
+
+def cache_folder(ckpt):
+    """Where the judges of a checkpoint are cached: beside it, but never inside assets/."""
+    is_shipped = os.path.abspath(ckpt) in SHIPPED_MODELS.values()
+    return "runs" if is_shipped else os.path.dirname(os.path.abspath(ckpt))
+
+
 def load_guide(state, config, device):
     """The autoguidance guide stored in a checkpoint, or None."""
     if state.get("guide") is None:
@@ -1181,8 +1572,7 @@ def load_guide(state, config, device):
 
 
 def build_model(config, device):
-    scheduler = NoiseScheduler(config.num_timesteps, config.beta_start, config.beta_end)
-    return build_network(config).to(device), scheduler.to(device)
+    return build_network(config).to(device), scheduler_for(config).to(device)
 
 
 def load_model(path, device):
@@ -1243,7 +1633,7 @@ class Run:
 def start_run(config, device, seed, checkpoint=None, path=""):
     """A new run from `seed`, or the run stored in `checkpoint` restored exactly; and the
     noise scheduler it trains with."""
-    scheduler = NoiseScheduler(config.num_timesteps, config.beta_start, config.beta_end).to(device)
+    scheduler = scheduler_for(config).to(device)
     torch.manual_seed(seed)
     model = build_network(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -1581,7 +1971,7 @@ def print_row(setting, row, seconds):
 
 
 def print_header(labelled, classifier_guided):
-    setting = f"{'sampler':>10} {'steps':>5} {'w':>5}" + (f" {'s':>4}" if classifier_guided else "")
+    setting = f"{'sampler':>18} {'evals':>5} {'w':>5}" + (f" {'s':>4}" if classifier_guided else "")
     if labelled:
         print(f"{setting} {'accuracy':>9} {'worst digit':>12} {'distance':>9} {'faint':>6} "
               f"{'s/image':>8}")
@@ -1604,7 +1994,7 @@ def real_data_reference(classifier, data_dir, count, seed, device):
 
 def evaluate(model, scheduler, config, classifier, data_dir, *, settings, guidance_scales,
              per_label, batch_size, seed, guidance_interval=None, guide=None,
-             noisy_classifier=None, classifier_scales=None):
+             noisy_classifier=None, classifier_scales=None, options=None):
     """For each (sampler, steps), each w and each s of classifier guidance: draw per_label
     samples of every digit, judge them."""
     device = next(model.parameters()).device
@@ -1621,9 +2011,11 @@ def evaluate(model, scheduler, config, classifier, data_dir, *, settings, guidan
                                   guidance_scale=w, sampler=sampler, steps=steps,
                                   guidance_interval=guidance_interval, guide=guide,
                                   classifier=noisy_classifier, classifier_scale=s,
-                                  generator=torch.Generator().manual_seed(seed))
+                                  generator=torch.Generator().manual_seed(seed), **(options or {}))
         seconds = (time.time() - started) / count
-        setting = f"{sampler:>10} {steps:>5} {w:>5g}" + (f" {s:>4g}" if classifier_scales else "")
+        evaluations = network_evaluations(sampler, steps)
+        setting = f"{sampler:>18} {evaluations:>5} {w:>5g}" + (f" {s:>4g}" if classifier_scales
+                                                                 else "")
         print_row(setting, judge_samples(classifier, samples, labels, test_features), seconds)
 
 
@@ -1636,6 +2028,7 @@ def evaluate(model, scheduler, config, classifier, data_dir, *, settings, guidan
 
 SHOW_TIMESTEPS = (0, 100, 200, 300, 400, 500, 600, 700, 800, 900, 999)
 SHOW_EVALUATIONS = (1, 2, 5, 10, 20, 50)
+SHOW_SIGMA_SAMPLERS = ("euler", "euler-a", "heun", "dpm++2m-karras", "dpm++2m-sde-karras")
 
 
 def noised_input(scheduler, config, x0, t, noise):
@@ -1667,13 +2060,20 @@ def guidance_push(model, scheduler, config, x_t, t, labels, guidance_scale, guid
     return (guided(x_t, t) - alone(x_t, t)).abs()[:, 0]
 
 
+def attention_weights(attention, x, context):
+    """softmax(QKᵀ/√d) [B, h, N, M] of an I.3 Attention: what scaled_dot_product_attention
+    computes inside, and never returns."""
+    q, k, _ = attention.project(x, context)
+    return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
+
+
 @torch.no_grad()
 def label_attention(model, x_t, t, labels):
     """The share of each image patch's cross-attention that goes to the label's tokens (the
     rest goes to the timestep token), averaged over heads and blocks: [B, grid, grid]."""
     weights = []
     hooks = [block.cross_attn.register_forward_hook(
-        lambda attention, inputs, output: weights.append(attention.attention_weights(*inputs)))
+        lambda attention, inputs, output: weights.append(attention_weights(attention, *inputs)))
         for block in model.blocks]
     try:
         model(x_t, torch.full((len(x_t),), float(t), device=x_t.device), labels)
@@ -1690,7 +2090,8 @@ def sampler_rows(model, scheduler, config, labels, guidance_scale, guide, noise,
     """From one noise: each sampler at each number of network evaluations, and DDPM over all
     T as the reference (its own row of one). {name: [images [B, 1, 28, 28], ...]}"""
     flow = config.objective == "flow"
-    steps = {name: evaluations for name in (["euler"] if flow else ["ddim", "dpm"])}
+    names = ["euler"] if flow else ["ddim", "dpm", *SHOW_SIGMA_SAMPLERS]
+    steps = {name: evaluations for name in names}
     if not flow:
         steps["ddpm"] = [config.num_timesteps]
     return {name: [generate(model, scheduler, config, labels, shape=noise.shape,
@@ -1951,6 +2352,12 @@ def draw_is_it_copying(scene, train_images, test_images):
 #     traceback.
 # ---------------------------------------------------------------------------------------------
 
+# With no label to attend to, the unconditional model learns a digit's shape faster per minute
+# from 4×4 = 16 larger patches with 4 heads and AdamW's β2 = 0.99 (as EDM2 uses), and gets 1.4×
+# the conditional model's time (14 epochs; docs/experiments.md): its own defaults.
+UNCONDITIONAL_DEFAULTS = {"patch_size": 7, "heads": 4, "adam_beta2": 0.99, "epochs": 14}
+
+
 def digit(text):
     if not text.lstrip("-").isdigit() or not 0 <= int(text) < NUM_CLASSES:
         raise argparse.ArgumentTypeError(f"must be a digit 0-9, got {text!r}")
@@ -2058,9 +2465,11 @@ def add_upgrade_flags(parser, defaults=Config()):
     add("--conv-channels", type=nonnegative_int, default=None,
         help=f"II.1 channels of the conv stem and head; 0: plain linear patches "
              f"(default: {defaults.conv_channels})")
-    add("--prediction", choices=["eps", "v"], default=None,
-        help=f"II.2 what the network outputs: ε or v = √ᾱ·ε − √(1−ᾱ)·x0 "
+    add("--prediction", choices=["eps", "v", "x0"], default=None,
+        help=f"II.2 what the network outputs: ε, v = √ᾱ·ε − √(1−ᾱ)·x0, or x0 "
              f"(default: {defaults.prediction})")
+    add("--schedule", choices=["linear", "cosine"], default=None,
+        help=f"II.14 the noise schedule: linear β or cosine ᾱ (default: {defaults.schedule})")
     add("--t-sampling", choices=["uniform", "logsnr"], default=None,
         help=f"II.3 how training draws t: uniform, or log SNR(t) ~ N(mean, std²) "
              f"(default: {defaults.t_sampling})")
@@ -2073,7 +2482,7 @@ def add_upgrade_flags(parser, defaults=Config()):
     add("--ema-decay", type=number_in(0, 1, high_open=True), default=None,
         help=f"II.4 largest EMA decay d, in [0, 1) (default: {defaults.ema_decay:g})")
     add("--objective", choices=["eps", "flow"], default=None,
-        help="II.10 eps: DDPM noise prediction; flow: rectified-flow velocity (default: eps)")
+        help="II.11 eps: DDPM noise prediction; flow: rectified-flow velocity (default: eps)")
 
 
 def add_model_flags(parser, defaults=Config()):
@@ -2089,9 +2498,16 @@ def add_model_flags(parser, defaults=Config()):
              f"{UNCONDITIONAL_DEFAULTS['heads']})")
 
 
+def add_ckpt_flag(parser, purpose):
+    parser.add_argument("--ckpt", default=None,
+                        help=f"checkpoint {purpose} (default: {DEFAULT_CKPT}, or the shipped "
+                             f"{shown_path(SHIPPED_MODELS['conditional'])} until you "
+                             f"train one)")
+
+
 def add_sample_flags(parser, defaults=Config()):
     add = parser.add_argument
-    add("--ckpt", default="runs/ckpt.pt", help="checkpoint from `train` (default: runs/ckpt.pt)")
+    add_ckpt_flag(parser, "to draw from")
     add("--label", type=digit, default=None,
         help="digit to draw; without it a conditional model draws one row per digit")
     add("--negative-label", type=digit, default=None,
@@ -2103,26 +2519,40 @@ def add_sample_flags(parser, defaults=Config()):
              f"(default: the checkpoint's, {defaults.guidance_scale:g})")
     add("--guidance-interval", type=interval, default=None,
         help="LO,HI: guide only where t/(T−1) lies in [LO, HI] (default: the checkpoint's)")
-    add("--sampler", choices=SAMPLERS, default=None,
-        help="vanilla (Part I's loop), ddpm (all T steps), ddim, dpm (DPM-Solver++(2M)), "
-             "euler (flow models) (default: the checkpoint's)")
+    add("--sampler", choices=SAMPLERS, default=None, metavar="NAME",
+        help="; ".join(f"{name}: {webui}" for name, webui in SAMPLERS.items())
+        + " (default: the checkpoint's)")
     add("--steps", type=positive_int, default=None,
-        help="network evaluations of dpm / ddim / euler (default: the checkpoint's)")
+        help="network evaluations of the few-step samplers; heun takes two a step, so at most "
+             "this many (default: the checkpoint's)")
     add("--init-image", default=None, help="image-to-image: start from this picture")
     add("--strength", type=number_in(0, 1, low_open=True), default=0.6,
         help="image-to-image: how far to noise the picture, in (0, 1] (default: 0.6)")
-    add("--eta", type=number_in(0, 1), default=None,
-        help="DDIM's η in [0, 1]: 0 deterministic, 1 as much fresh noise as DDPM (ddim only)")
     add("--classifier-scale", type=number_in(0, 100), default=0.0,
         help="s of classifier guidance (II.9), also for an unconditional model with --label; "
              "trains a noisy classifier next to the checkpoint the first time (default: 0, off)")
+    add_sampler_option_flags(parser)
     add("--output", default="samples.png", help="picture to write (default: samples.png)")
     add("--gif", default=None, help="also write the denoising as an animated GIF here")
 
 
+def add_sampler_option_flags(parser):
+    """The options of particular samplers, for `sample` and `evaluate` alike."""
+    add = parser.add_argument
+    add("--eta", type=number_in(0, 1), default=None,
+        help="fresh noise in [0, 1] of ddim (default 0: deterministic), euler-a and dpm++2m-sde "
+             "(default 1); 1 is as much as DDPM adds")
+    add("--sigma-min", type=number_in(0, 1000, low_open=True), default=None,
+        help="the smallest σ of the *-karras samplers (default: the table's smallest, σ_0)")
+    add("--sde-noise", type=number_in(0, 10), default=0.0,
+        help="a of a flow model's SDE, σ_s = a·√(s/(1−s)) (II.12); 0: Euler (default: 0)")
+    add("--variance", choices=["beta", "posterior"], default="beta",
+        help="ddpm's σ_t²: beta (β_t, default) or posterior (β̃_t)")
+
+
 def add_evaluate_flags(parser):
     add = parser.add_argument
-    add("--ckpt", default="runs/ckpt.pt", help="checkpoint to evaluate (default: runs/ckpt.pt)")
+    add_ckpt_flag(parser, "to evaluate")
     add("--guidance-scales", type=finite_numbers, default=None,
         help="comma-separated w values (default: 0,1,2,3,5 for a conditional model; 1 and "
              "the checkpoint's for an unconditional one with a guide)")
@@ -2134,12 +2564,13 @@ def add_evaluate_flags(parser):
         help="comma-separated s of classifier guidance (II.9), a row each, every digit drawn "
              "(also from an unconditional model); default: none")
     add("--per-label", type=positive_int, default=100, help="samples of each digit (default: 100)")
+    add_sampler_option_flags(parser)
     add("--batch-size", type=positive_int, default=500, help="images drawn at once (default: 500)")
 
 
 def add_show_flags(parser):
     add = parser.add_argument
-    add("--ckpt", default="runs/ckpt.pt", help="checkpoint to draw (default: runs/ckpt.pt)")
+    add_ckpt_flag(parser, "to draw")
     add("--out-dir", default="pictures", help="where the pictures go (default: pictures)")
     add("--label", type=digit, default=None,
         help="the digit a conditional model draws in the pictures (default: 4)")
@@ -2232,10 +2663,7 @@ def check_sampler(sampler, steps, config):
         raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if flow and sampler != "euler":
         raise UserError(f"this checkpoint was trained with --objective flow; it samples with "
-                        f"--sampler euler, not {sampler}")
-    if not flow and sampler == "euler":
-        raise UserError("--sampler euler needs a checkpoint trained with --objective flow; "
-                        "use ddim, dpm or ddpm")
+                        f"--sampler euler (with --sde-noise: the flow SDE), not {sampler}")
     if sampler == "vanilla" and config.prediction != "eps":
         raise UserError("--sampler vanilla (Part I's loop) needs a network that predicts ε; "
                         "this one predicts v: use --sampler ddpm")
@@ -2249,7 +2677,8 @@ def check_sampler(sampler, steps, config):
 # The three commands -------------------------------------------------------------------------
 
 UPGRADE_FLAGS = ("conv_channels", "prediction", "t_sampling", "logsnr_mean", "logsnr_std",
-                 "min_snr_gamma", "ema_decay", "objective")
+                 "min_snr_gamma", "ema_decay", "objective", "schedule")
+
 
 
 def vanilla_config(defaults):
@@ -2282,8 +2711,14 @@ def config_from_flags(args):
 
 def prepare_training(args, device, ckpt_path):
     """The config (the saved run's when resuming), the checkpoint to resume, and the seed."""
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run in --out-dir and --overwrite starts over "
+                        "there; give one of the two")
     if args.resume:
         checkpoint, config = load_checkpoint(ckpt_path, device)
+        if checkpoint.get("shipped"):
+            raise UserError(f"{ckpt_path} is a shipped model (sampling weights only) and "
+                            f"cannot be resumed; train your own with `train --cond`")
         if "generator" not in checkpoint:
             print(f"{ckpt_path} predates exact resume: its random state starts afresh", flush=True)
             checkpoint["generator"] = torch.Generator().manual_seed(args.seed).get_state()
@@ -2342,8 +2777,29 @@ def check_classifier_guidance(args, config, sampler):
     if args.classifier_scale and config.objective == "flow":
         raise UserError("--classifier-scale needs a DDPM checkpoint: its classifier reads "
                         "noise_image's x_t, not a flow model's x_s")
-    if args.eta is not None and sampler != "ddim":
-        raise UserError(f"--eta is DDIM's noise; add --sampler ddim (this is {sampler})")
+
+
+NOISY_SAMPLERS = ("ddim", "euler-a", "euler-a-karras", "dpm++2m-sde", "dpm++2m-sde-karras")
+
+
+def check_sampler_options(args, config, samplers):
+    """--eta, --sigma-min, --sde-noise and --variance each belong to some samplers only."""
+    rules = [("--eta", args.eta is not None, lambda name: name in NOISY_SAMPLERS,
+              f"a sampler that adds fresh noise ({', '.join(NOISY_SAMPLERS)})"),
+             ("--sigma-min", args.sigma_min is not None, lambda name: name.endswith("-karras"),
+              "a *-karras sampler"),
+             ("--sde-noise", args.sde_noise > 0, lambda name: config.objective == "flow",
+              "a checkpoint trained with --objective flow"),
+             ("--variance", args.variance != "beta", lambda name: name == "ddpm", "--sampler ddpm")]
+    for flag, given, fits, needs in rules:  # samplers that do not take it ignore it
+        if given and not any(fits(name) for name in samplers):
+            raise UserError(f"{flag} needs {needs} (got {', '.join(samplers)})")
+
+
+def sampling_options(args):
+    """The Sampling fields that the sampler-option flags set."""
+    return dict(eta=args.eta, sigma_min=args.sigma_min, sde_noise=args.sde_noise,
+                variance=args.variance)
 
 
 def check_sample_flags(args, config, sampler, steps):
@@ -2355,6 +2811,7 @@ def check_sample_flags(args, config, sampler, steps):
         raise UserError("several --guidance-scale values draw one row per scale; "
                         "give a --label too")
     check_sampler(sampler, steps, config)
+    check_sampler_options(args, config, [sampler])
     part_two = {"--negative-label": args.negative_label is not None, "--gif": args.gif,
                 "--init-image": args.init_image, "--guidance-interval": args.guidance_interval,
                 "--classifier-scale": args.classifier_scale}
@@ -2371,7 +2828,7 @@ def noisy_classifier_for(ckpt, scale, scheduler, data_dir, device):
     """The noisy classifier cached beside the checkpoint, if classifier guidance is asked for."""
     if not scale:
         return None
-    path = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "noisy_classifier.pt")
+    path = os.path.join(cache_folder(ckpt), "noisy_classifier.pt")
     return get_noisy_classifier(path, scheduler, data_dir, device)
 
 
@@ -2391,7 +2848,7 @@ def command_sample(args):
     sampling = dict(sampler=sampler, steps=steps, negative_labels=negative, init_images=init,
                     strength=strength, guidance_interval=args.guidance_interval,
                     guide=None if config.cond else load_guide(state, config, device),
-                    eta=args.eta or 0.0, classifier_scale=args.classifier_scale,
+                    **sampling_options(args), classifier_scale=args.classifier_scale,
                     classifier=noisy_classifier_for(args.ckpt, args.classifier_scale, scheduler,
                                                     args.data_dir, device))
     scales = args.guidance_scale or [default_guidance_scale(config)]
@@ -2403,7 +2860,9 @@ def command_sample(args):
                              generator=torch.Generator().manual_seed(args.seed), **sampling))
     nrow = nrow if len(scales) == 1 else args.n
     save_grid(torch.cat(rows), args.output, nrow=nrow)
-    print(f"wrote {args.output} ({count * len(scales)} images, {sampler} with {steps} steps)")
+    evaluations = network_evaluations(sampler, steps)
+    print(f"wrote {args.output} ({count * len(scales)} images, {sampler} with {evaluations} "
+          f"network evaluations)")
     if args.gif:
         save_animation([torch.cat(step) for step in zip(*frames)], args.gif, nrow)
         print(f"wrote {args.gif}")
@@ -2428,11 +2887,12 @@ def command_evaluate(args):
     model, scheduler, config, state = load_model(args.ckpt, device)
     default = f"{default_sampler(config)}:{config.sample_steps}"
     settings = parse_sampler_settings(args.samplers or default, config)
+    check_sampler_options(args, config, [name for name, _ in settings])
     part_one_loop = any(name == "vanilla" for name, _ in settings)
     if args.classifier_scales and (config.objective == "flow" or part_one_loop):
         raise UserError("--classifier-scales needs a DDPM checkpoint and a Part II sampler")
-    folder = os.path.dirname(os.path.abspath(args.ckpt))
-    classifier = get_classifier(os.path.join(folder, "mnist_classifier.pt"), args.data_dir, device)
+    classifier = get_classifier(os.path.join(cache_folder(args.ckpt), "mnist_classifier.pt"),
+                                args.data_dir, device)
     noisy_classifier = noisy_classifier_for(args.ckpt, any(args.classifier_scales or []),
                                             scheduler, args.data_dir, device)
     guidance_interval = args.guidance_interval or (config.guidance_low, config.guidance_high)
@@ -2446,7 +2906,8 @@ def command_evaluate(args):
     evaluate(model, scheduler, config, classifier, args.data_dir, settings=settings,
              guidance_scales=scales, per_label=args.per_label, batch_size=args.batch_size,
              seed=args.seed, guidance_interval=guidance_interval, guide=guide,
-             noisy_classifier=noisy_classifier, classifier_scales=args.classifier_scales)
+             noisy_classifier=noisy_classifier, classifier_scales=args.classifier_scales,
+             options=sampling_options(args))
 
 
 def command_show(args):
@@ -2471,6 +2932,8 @@ def command_show(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.command != "train":
+        args.ckpt = checkpoint_to_use(args.ckpt)
     commands = {"train": command_train, "sample": command_sample, "evaluate": command_evaluate,
                 "show": command_show}
     try:
