@@ -514,6 +514,20 @@ def test_the_ancestral_step_splits_the_next_noise_level_into_down_and_up(sigma, 
     assert 0 <= up <= sigma_next and (eta > 0 or up == 0)
 
 
+@given(t=st.integers(1, T - 1), fraction=st.floats(0, 0.99))
+def test_euler_a_adds_the_fresh_noise_of_ddim_at_eta_1_in_the_sigma_scale(scheduler, t,
+                                                                           fraction):
+    """σ_up at η = 1 is DDPM's posterior noise σ = √((1−ᾱ_prev)/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_prev),
+    divided by √ᾱ_prev to move it into x = x_t/√ᾱ."""
+    t_prev = math.floor(fraction * t)
+    alpha_bar = linear_alpha_bar()
+    a, p = alpha_bar[t].item(), alpha_bar[t_prev].item()
+    ddim_sigma = math.sqrt((1 - p) / (1 - a)) * math.sqrt(1 - a / p)
+    sigmas = vd.sigma_table(scheduler).double()
+    _, up = vd.ancestral_step(sigmas[t].item(), sigmas[t_prev].item(), 1.0)
+    assert math.isclose(up, ddim_sigma / math.sqrt(p), rel_tol=1e-3)
+
+
 def test_heun_is_second_order_and_euler_first_on_gaussian_data(scheduler):
     euler = {n: gaussian_ode_error(scheduler, sigma_loop("euler"), n) for n in (11, 21)}
     heun = {n: gaussian_ode_error(scheduler, sigma_loop("heun"), n) for n in (11, 21, 41)}

@@ -1303,7 +1303,9 @@ class Sampling:
     classifier_scale: float = 0.0
     init_images: torch.Tensor = None  # image-to-image (II.10) from this picture
     strength: float = 1.0           #   noised to t = strength·(T−1); 1: from pure noise
-    sigma_min: float = None         # the smallest σ of Karras σ's; None: the table's σ_0
+    sigma_min: float = 0.2          # the smallest σ of Karras σ's. WebUI takes the table's
+                                    #   σ_0 = 0.01, but these models were trained little below
+                                    #   σ ≈ 0.23 (t ≈ 67, II.3) and speckle there (README)
     sde_noise: float = 0.0          # II.12 a of a flow model's SDE; 0: Euler
     variance: str = "beta"          # DDPM's σ_t²: "beta" (β_t) or "posterior" (β̃_t)
 
@@ -1321,8 +1323,7 @@ def sampler_timesteps(sampling, scheduler, start_t):
     count = (sampling.steps + 1) // 2 if name.startswith("heun") else sampling.steps
     if not name.endswith("-karras"):
         return sampling_timesteps(start_t, count)
-    sigma_min = sampling.sigma_min or sigma_table(scheduler)[0].item()
-    return karras_timesteps(scheduler, count, start_t, sigma_min)
+    return karras_timesteps(scheduler, count, start_t, sampling.sigma_min)
 
 
 def sampler_loop(denoise, scheduler, config, x, sampling, start_t, generator=None,
@@ -2543,7 +2544,8 @@ def add_sampler_option_flags(parser):
         help="fresh noise in [0, 1] of ddim (default 0: deterministic), euler-a and dpm++2m-sde "
              "(default 1); 1 is as much as DDPM adds")
     add("--sigma-min", type=number_in(0, 1000, low_open=True), default=None,
-        help="the smallest σ of the *-karras samplers (default: the table's smallest, σ_0)")
+        help="the smallest σ of the *-karras samplers (default: 0.2, where these models stop "
+             "speckling; WebUI's is the table's smallest, 0.01)")
     add("--sde-noise", type=number_in(0, 10), default=0.0,
         help="a of a flow model's SDE, σ_s = a·√(s/(1−s)) (II.12); 0: Euler (default: 0)")
     add("--variance", choices=["beta", "posterior"], default="beta",
@@ -2797,9 +2799,11 @@ def check_sampler_options(args, config, samplers):
 
 
 def sampling_options(args):
-    """The Sampling fields that the sampler-option flags set."""
-    return dict(eta=args.eta, sigma_min=args.sigma_min, sde_noise=args.sde_noise,
-                variance=args.variance)
+    """The Sampling fields that the sampler-option flags set (a flag not given keeps the
+    field's default)."""
+    options = dict(eta=args.eta, sigma_min=args.sigma_min, sde_noise=args.sde_noise,
+                   variance=args.variance)
+    return {name: value for name, value in options.items() if value is not None}
 
 
 def check_sample_flags(args, config, sampler, steps):
