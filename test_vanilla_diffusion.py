@@ -702,7 +702,8 @@ def test_classifier_guidance_shifts_the_score_as_its_formulas_say(scheduler, t, 
     close(guide.mean_shift(x, t), scale * scheduler.betas[t] * gradient, 1e-7, 1e-5)  # s·σ_t²·g
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm", "euler", "euler-a", "heun",
+                                     "dpm++2m-karras", "dpm++2m-sde"])
 def test_classifier_guidance_at_scale_0_is_the_unguided_sampler_and_otherwise_acts(
         scheduler, sampler):
     config = vd.Config(image_size=4, prediction="eps")
