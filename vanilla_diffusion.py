@@ -2325,7 +2325,7 @@ def draw_few_steps(scene):
         rows.append((label, as_picture(grid, len(row))))
     title = ("Why few steps are enough: from one noise per row, each sampler at more and more\n"
              "network evaluations, and DDPM over all T steps")
-    return scene.save(sheet(title, rows), "4_few_steps.png")
+    return scene.save(sheet(title, rows, margin=140), "4_few_steps.png")
 
 
 def draw_is_it_copying(scene, train_images, test_images):
