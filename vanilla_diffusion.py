@@ -7,7 +7,7 @@ Start here: two trained models ship in assets/models/, so the first command draw
     python vanilla_diffusion.py show                  # pictures of what it does at each step
     python vanilla_diffusion.py train --cond --vanilla --out-dir runs/vanilla   # exactly Part I
 
-Part I — vanilla diffusion (~440 lines): read it to learn. It uses nothing defined after it, so
+Part I — vanilla diffusion (~380 lines): read it to learn. It uses nothing defined after it, so
 you may stop at its end with a complete diffusion model, and copy any section with the imports
 and the sections its banner says it needs.
     I.1  Config            Part I's knobs: the data, the schedule, the DiT, training, guidance
@@ -18,7 +18,7 @@ and the sections its banner says it needs.
     I.4  Data              MNIST as one tensor in [−1, 1]
     I.5  Training          Algorithm 1 with label dropout: ddpm_loss, train_step
     I.6  Sampling          Algorithm 2 with classifier-free guidance: sample_ddpm_cfg
-Part II — the upgrades (~700 lines): each section says what it replaces in Part I, what it
+Part II — the upgrades (~740 lines): each section says what it replaces in Part I, what it
 needs, the idea and its paper, and what it measurably buys (the numbers are in the README and
 docs/).
     II.0 the upgrades' knobs    II.1 conv stem and head    II.2 v- and x0-prediction
