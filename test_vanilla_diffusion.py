@@ -1197,7 +1197,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     assert os.listdir(tmp_path / "run") == ["ckpt.pt"]  # the temporary file was renamed away
     state, loaded_config = vd.load_checkpoint(path)
     assert loaded_config == config and state["step"] == 7 and state["seed"] == 3
-    restored, _, _, _ = vd.load_model(path, "cpu")
+    restored = vd.load_model(path, "cpu").model
     x, t, labels = torch.randn(2, 1, 28, 28), torch.tensor([1, 999]), torch.tensor([0, 10])
     assert torch.equal(restored(x, t, labels), run.ema(x, t, labels))
 
@@ -1618,7 +1618,7 @@ def expect_one_line_error(args, message, capsys, code=None):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--label", "12"], "must be a digit 0-9"),
+    (["--label", "12"], "is not one of the model's classes: 0, 1"),
     (["--n", "-3"], "positive whole number"),
     (["--steps", "0"], "positive whole number"),
     (["--strength", "1.5"], "(0, 1]"),
@@ -1915,3 +1915,319 @@ def test_without_a_checkpoint_sample_uses_the_shipped_model_and_never_resumes_it
     shutil.copy(vd.SHIPPED_MODELS["conditional"], "runs/ckpt.pt")
     expect_one_line_error(["train", "--data-dir", tiny_mnist, "--resume"],
                           "is a shipped model (sampling weights only)", capsys, code=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Your own pictures: a folder (classes from its subfolders), colour, any size; torchrun
+# ---------------------------------------------------------------------------------------------
+
+def save_picture(path, array, mode):
+    """uint8 [H, W] (grey) or [H, W, 3] (RGB) as a picture file; its folders are made."""
+    from PIL import Image
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(array.numpy(), mode).save(path)
+
+
+def test_a_folder_gives_sorted_classes_colour_and_pictures_cut_to_the_size(tmp_path):
+    # a 60×20 picture whose middle 40 columns are one colour and whose outer 10 another: the
+    # shorter side goes to 16, then the centre crop keeps the middle 20 of the 60 columns
+    wide = torch.zeros(20, 60, 3, dtype=torch.uint8)
+    wide[:, :10], wide[:, 10:50], wide[:, 50:] = 255, torch.tensor([200, 40, 40]), 255
+    save_picture(str(tmp_path / "dog" / "a.png"), wide, "RGB")
+    save_picture(str(tmp_path / "dog" / "deeper" / "b.png"), torch.full((16, 16), 9,
+                                                                        dtype=torch.uint8), "L")
+    save_picture(str(tmp_path / "cat" / "c.jpg"), torch.full((24, 24), 77, dtype=torch.uint8),
+                 "L")
+    (tmp_path / "cat" / "notes.txt").write_text("not a picture")  # ignored
+    found = vd.find_data(str(tmp_path), image_size=16)
+    assert found.class_names == ("cat", "dog") and found.count == 3 and found.channels == 3
+    images = found.decode()
+    assert images.pixels.shape == (3, 3, 16, 16) and images.pixels.dtype == torch.uint8
+    assert images.labels.tolist() == [0, 1, 1]  # cat, then dog's pictures, deeper ones too
+    middle = images.pixels[1].permute(1, 2, 0).reshape(-1, 3).float()
+    assert (middle - torch.tensor([200.0, 40, 40])).abs().max() <= 2
+    assert (images.pixels[0] - 77).abs().max() <= 1 and (images.pixels[2] == 9).all()
+    assert vd.find_data(str(tmp_path)).size == 16  # default: the smallest shorter side
+
+
+def test_a_flat_folder_is_unconditional_and_grey_when_every_picture_is(tmp_path):
+    for k in range(3):
+        save_picture(str(tmp_path / f"{k}.png"), torch.full((10, 12), 50 * k,
+                                                            dtype=torch.uint8), "L")
+    found = vd.find_data(str(tmp_path), image_size=8)
+    assert found.class_names == () and found.num_classes == 1 and found.channels == 1
+    assert found.decode().pixels.shape == (3, 1, 8, 8)
+
+
+def test_mnist_as_a_folder_of_pngs_decodes_to_the_mnist_tensor(tiny_mnist, tmp_path):
+    mnist = vd.find_data("mnist", tiny_mnist).decode()
+    for i, (pixels, label) in enumerate(zip(mnist.pixels, mnist.labels.tolist())):
+        save_picture(str(tmp_path / str(label) / f"{i:05d}.png"), pixels[0], "L")
+    folder = vd.find_data(str(tmp_path)).decode()
+    order = torch.sort(mnist.labels, stable=True).indices  # ImageFolder's order: class-major
+    assert torch.equal(folder.pixels, mnist.pixels[order])
+    assert torch.equal(folder.labels, mnist.labels[order])
+
+
+@pytest.fixture(scope="module")
+def colour_folder(tmp_path_factory):
+    """140 pictures of 16×16 in two class folders: a red bar at the top, a blue one below."""
+    root = tmp_path_factory.mktemp("colours")
+    for k in range(140):
+        picture, row = torch.zeros(16, 16, 3, dtype=torch.uint8), k % 4
+        if k % 2 == 0:
+            picture[2 + row:6 + row, 2:14, 0] = 255     # red, high
+        else:
+            picture[8 + row:12 + row, 2:14, 2] = 255    # blue, low
+        save_picture(str(root / ("red" if k % 2 == 0 else "blue") / f"{k:03d}.png"), picture,
+                     "RGB")
+    return str(root)
+
+
+def test_a_colour_folder_trains_samples_by_name_evaluates_shows_and_resumes(
+        colour_folder, tmp_path, capsys):
+    train = ["train", "--cond", "--data", colour_folder, "--patch-size", "4", *TINY_MODEL,
+             "--device", "cpu"]
+    vd.main([*train, "--max-steps", "2", "--out-dir", str(tmp_path / "cut")])
+    state, config = vd.load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"))
+    assert (config.channels, config.image_size, config.num_classes) == (3, 16, 2)
+    assert config.class_names == ("blue", "red") and config.data == colour_folder
+    vd.main(["train", "--resume", "--max-steps", "4", "--out-dir", str(tmp_path / "cut")])
+    vd.main([*train, "--max-steps", "4", "--out-dir", str(tmp_path / "whole")])
+    assert_same_state(torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True),
+                      torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=True))
+    ckpt = str(tmp_path / "whole" / "ckpt.pt")
+    for label in ("red", "1"):
+        out = tmp_path / f"{label}.png"
+        vd.main(["sample", "--ckpt", ckpt, "--label", label, "--n", "4", "--output", str(out)])
+        from PIL import Image
+        with Image.open(out) as picture:
+            assert picture.mode == "RGB" and picture.size == (2 + 2 * 18, 2 + 2 * 18)
+    capsys.readouterr()
+    vd.main(["evaluate", "--ckpt", ckpt, "--per-label", "2", "--guidance-scales", "1"])
+    out = capsys.readouterr().out
+    assert "on the 140 test images" in out and "worst class" in out
+    vd.main(["show", "--ckpt", ckpt, "--label", "blue", "--out-dir", str(tmp_path / "pictures")])
+    assert sorted(os.listdir(tmp_path / "pictures")) == SHOW_FILES
+    expect_one_line_error(["sample", "--ckpt", ckpt, "--label", "green"],
+                          "'green' is not one of the model's classes: blue, red", capsys, code=1)
+
+
+def test_bad_data_gets_one_line_before_any_work(colour_folder, tiny_mnist, tmp_path, capsys,
+                                                monkeypatch):
+    from torchvision.datasets import CIFAR10
+    (tmp_path / "empty").mkdir()
+    one_class, flat, broken = tmp_path / "one", tmp_path / "flat", tmp_path / "broken"
+    picture = torch.zeros(16, 16, dtype=torch.uint8)
+    save_picture(str(one_class / "cats" / "a.png"), picture, "L")
+    save_picture(str(flat / "a.png"), picture, "L")
+    save_picture(str(broken / "a" / "fine.png"), picture, "L")
+    save_picture(str(broken / "b" / "fine.png"), picture, "L")
+    (broken / "b" / "corrupt.png").write_bytes(b"not a png at all")
+    save_picture(str(tmp_path / "cut" / "a" / "fine.png"), picture, "L")
+    noise = torch.randint(0, 256, (64, 64), generator=torch.Generator().manual_seed(0))
+    save_picture(str(tmp_path / "cut" / "b" / "whole.png"), noise.to(torch.uint8), "L")
+    whole = (tmp_path / "cut" / "b" / "whole.png").read_bytes()
+    (tmp_path / "cut" / "b" / "truncated.png").write_bytes(whole[:len(whole) * 3 // 4])
+
+    def no_network(self):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(CIFAR10, "download", no_network)
+    out = tmp_path / "out"
+    cases = [(["--data", str(tmp_path / "empty")], "no pictures found"),
+             (["--cond", "--data", str(one_class)], "--cond needs two classes at least"),
+             (["--cond", "--data", str(flat)], "has no subfolders"),
+             (["--data", str(broken)], "corrupt.png as a picture"),
+             (["--data", str(tmp_path / "cut"), "--batch-size", "2", "--image-size", "14"],
+              "cannot decode"),
+             (["--data", colour_folder, "--image-size", "30", "--patch-size", "4"],
+              "use a --patch-size of 1, 2, 3, 5, 6, 10, 15, 30, or an --image-size divisible"),
+             (["--data", "cifar10", "--data-dir", str(tmp_path / "nothing")],
+              str(tmp_path / "nothing" / "cifar-10-batches-py")),
+             (["--data", str(tmp_path / "missing")], "not a folder, nor one of mnist")]
+    for args, message in cases:
+        expect_one_line_error(["train", "--out-dir", str(out), *args], message, capsys, code=1)
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun would: before any process group
+    expect_one_line_error(["train", "--data-dir", tiny_mnist, "--out-dir", str(out)],
+                          "--batch-size 32 is the batch of all 3 processes together", capsys,
+                          code=1)
+    assert not out.exists()
+
+
+def torchrun(*args, processes, cwd):
+    script = os.path.join(HERE, "vanilla_diffusion.py")
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={processes}", script, *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600, env=environment)
+
+
+def test_two_gloo_processes_train_as_one_process_does_and_a_cut_run_resumes(tiny_mnist,
+                                                                             tmp_path):
+    train = ["train", "--cond", "--data-dir", tiny_mnist, *TINY_MODEL, "--device", "cpu"]
+    result = torchrun(*train, "--max-steps", "3", "--out-dir", "two", processes=2, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("M parameters") == 1 and "2 processes on cpu" in result.stdout
+    assert sorted(os.listdir(tmp_path / "two")) == ["ckpt.pt", "samples_step000003.png"]
+    one = run_cli(*train, "--max-steps", "3", "--out-dir", "one", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    two, one = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True)
+                for name in ("two", "one"))
+    assert torch.equal(two["generator"], one["generator"])  # the same draws, in the same order
+    for part in ("model", "ema"):  # the same steps, up to float rounding of half batches
+        for name, value in one[part].items():
+            close(two[part][name], value, atol=1e-4)
+    resumed = run_cli("train", "--resume", "--data-dir", tiny_mnist, "--max-steps", "5",
+                      "--out-dir", "two", "--device", "cpu", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["step"] == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# II.15's UNet
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("channels, size", [(1, 28), (3, 16), (1, 8)])
+def test_the_unet_keeps_the_shape_starts_at_zero_and_reads_the_label(channels, size):
+    config = vd.Config(arch="unet", cond=True, unet_channels=8, width=16, heads=2,
+                       label_tokens=2, channels=channels, image_size=size, num_classes=3)
+    model = vd.build_network(config)
+    x, t = torch.randn(4, channels, size, size), torch.tensor([0.0, 10.0, 500.0, 999.0])
+    labels = torch.tensor([0, 1, 2, vd.NULL_LABEL])
+    assert torch.equal(model(x, t, labels), torch.zeros_like(x))  # the last conv starts at 0
+    randomized(model, std=0.2)
+    outputs = [model(x[:1].expand(4, -1, -1, -1), t[:1].expand(4), torch.tensor([k] * 4))
+               for k in (0, 1, 2, vd.NULL_LABEL)]
+    assert outputs[0].shape == (4, channels, size, size)
+    for a in range(4):
+        for b in range(a + 1, 4):  # every label, and ∅, gives another output
+            assert (outputs[a] - outputs[b]).abs().max() > 1e-4
+
+
+def test_the_unets_cross_attention_sums_to_one_over_the_label_and_time_tokens():
+    config = vd.Config(arch="unet", cond=True, unet_channels=8, width=16, heads=2,
+                       label_tokens=2)
+    model, weights = randomized(vd.build_network(config), std=0.2), []
+    layers = [m.cross_attn for m in model.modules() if getattr(m, "cross_attn", None)]
+    for layer in layers:
+        layer.register_forward_hook(lambda attention, inputs, output: weights.append(
+            vd.attention_weights(attention, *inputs)))
+    share = vd.label_attention(model, torch.randn(2, 1, 28, 28), 500, torch.tensor([3, 8]))
+    assert len(layers) == 5 and share.shape == (2, 14, 14)
+    for w in weights:                                     # [B, h, N, label_tokens + 1]
+        assert w.shape[-1] == 3
+        close(w.sum(-1), torch.ones_like(w.sum(-1)), 1e-5)
+
+
+def test_a_unet_trains_a_few_steps_the_loss_falls_and_it_lifts_alone():
+    config = vd.Config(arch="unet", cond=True, unet_channels=8, width=16, heads=2,
+                       label_tokens=2, lr=3e-3, warmup_steps=5)
+    run, scheduler = vd.start_run(config, "cpu", seed=0)
+    images, labels = synthetic_digits(64)
+
+    def loss(generator):
+        return vd.training_loss(run.model, scheduler, images, labels, config, generator)[0].mean()
+
+    before = loss(torch.Generator().manual_seed(9)).item()
+    for step in range(30):
+        vd.set_learning_rate(run.optimizer, vd.learning_rate(step, 30, config))
+        run.optimizer.zero_grad()
+        loss(run.generator).backward()
+        run.optimizer.step()
+    assert loss(torch.Generator().manual_seed(9)).item() < 0.7 * before
+    namespace = lifted("II.15")  # with only what its banner names
+    small = namespace["Config"](arch="unet", cond=True, unet_channels=8, width=16, heads=2)
+    out = namespace["UNet"](small)(torch.randn(2, 1, 28, 28), torch.tensor([1.0, 2.0]),
+                                   torch.tensor([0, namespace["NULL_LABEL"]]))
+    assert out.shape == (2, 1, 28, 28)
+
+
+def test_the_unet_trains_samples_evaluates_and_shows_from_the_command_line(tiny_mnist, tmp_path,
+                                                                           capsys):
+    ckpt = train_tiny(tiny_mnist, tmp_path / "unet", "--cond", "--arch", "unet",
+                      "--unet-channels", "8")
+    assert vd.load_checkpoint(ckpt)[1].arch == "unet"
+    vd.main(["sample", "--ckpt", ckpt, "--label", "3", "--n", "2", "--steps", "3",
+             "--output", str(tmp_path / "three.png")])
+    vd.main(["evaluate", "--ckpt", ckpt, "--data-dir", tiny_mnist, "--per-label", "2",
+             "--samplers", "ddim:3", "--guidance-scales", "1.5"])
+    vd.main(["show", "--ckpt", ckpt, "--data-dir", tiny_mnist, "--out-dir",
+             str(tmp_path / "pictures")])
+    assert sorted(os.listdir(tmp_path / "pictures")) == SHOW_FILES
+    for args, message in [(["--arch", "unet", "--image-size", "30", "--patch-size", "2"],
+                           "the 30-pixel image does not (use an image size of 28 or 32"),
+                          (["--arch", "unet", "--unet-channels", "12"], "divisible by 8"),
+                          (["--arch", "transformer"], "invalid choice: 'transformer'"),
+                          (["--vanilla", "--arch", "unet"], "--vanilla trains exactly Part I")]:
+        expect_one_line_error(["train", "--data-dir", tiny_mnist, "--out-dir",
+                               str(tmp_path / "bad"), *args], message, capsys)
+    assert not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# II.16's latent diffusion
+# ---------------------------------------------------------------------------------------------
+
+def test_the_vaes_kl_is_the_closed_form_and_its_draws_have_the_encoders_moments():
+    from torch.distributions import Normal, kl_divergence
+    mean, log_var = torch.randn(3, 4, 7, 7), torch.randn(3, 4, 7, 7)
+    exact = kl_divergence(Normal(mean, (0.5 * log_var).exp()), Normal(0.0, 1.0))
+    close(vd.kl_to_standard_normal(mean, log_var), exact.flatten(1).sum(1), 1e-4, 1e-5)
+    m, lv = torch.tensor([0.7, -1.2]), torch.tensor([0.4, -2.0])
+    n = 200_000
+    z = vd.reparameterise(m.expand(n, 2), lv.expand(n, 2), torch.Generator().manual_seed(0))
+    sd = (0.5 * lv).exp()
+    assert ((z.mean(0) - m).abs() < 5 * sd / math.sqrt(n)).all()
+    assert ((z.var(0) - sd ** 2).abs() < 5 * sd ** 2 * math.sqrt(2 / n)).all()
+    vae = vd.VAE(3, 4, 4)
+    x = torch.randn(2, 3, 16, 16)
+    assert vae.encode(x)[0].shape == (2, 4, 4, 4) and vae.decode(vae.encode(x)[0]).shape == x.shape
+
+
+def test_the_vae_stage_scales_the_latents_to_unit_variance(tiny_mnist, tmp_path):
+    config = vd.Config(latent=True)
+    images = vd.find_data("mnist", tiny_mnist).decode().pixels
+    state, scale = vd.trained_vae(config, images, str(tmp_path), epochs=1)
+    vae = vd.VAE(1, 2, 2)
+    vae.load_state_dict(state)
+    with torch.no_grad():
+        latents = scale * vae.encode(vd.as_x0(images))[0]
+    close(latents.std(), torch.tensor(1.0), 1e-4)
+    assert (tmp_path / "vae.pt").is_file()
+
+
+def test_a_latent_run_samples_pictures_resumes_exactly_evaluates_and_shows(tiny_mnist, tmp_path,
+                                                                          capsys):
+    latent = ["--cond", "--latent"]
+    cut = train_tiny(tiny_mnist, tmp_path / "cut", *latent, steps=2)
+    state, config = vd.load_checkpoint(cut)
+    assert config.latent and config.patch_size == 2 and not config.clip_x0
+    assert any(name.startswith("vae.") for name in state["ema"])  # the VAE, frozen, stored
+    vd.main(["train", "--resume", "--data-dir", tiny_mnist, "--max-steps", "4", "--out-dir",
+             str(tmp_path / "cut")])
+    whole = train_tiny(tiny_mnist, tmp_path / "whole", *latent, steps=4)
+    assert_same_state(torch.load(cut, weights_only=True), torch.load(whole, weights_only=True))
+    model, scheduler, config, _, _ = vd.load_model(whole, "cpu")
+    images = vd.generate(model, scheduler, config, torch.tensor([1, 2]), steps=3,
+                         shape=vd.image_shape(config, 2), sampler="ddim")
+    assert images.shape == (2, 1, 28, 28) and images.min() >= -1 and images.max() <= 1
+    capsys.readouterr()
+    vd.main(["evaluate", "--ckpt", whole, "--data-dir", tiny_mnist, "--per-label", "2",
+             "--samplers", "ddim:3", "--guidance-scales", "1.5"])
+    assert "through the VAE (its floor)" in capsys.readouterr().out
+    vd.main(["show", "--ckpt", whole, "--data-dir", tiny_mnist, "--out-dir",
+             str(tmp_path / "pictures")])
+    assert sorted(os.listdir(tmp_path / "pictures")) == sorted(SHOW_FILES + ["6_latents.png"])
+    vd.main(["sample", "--ckpt", whole, "--label", "3", "--n", "2", "--init-image",
+             str(tmp_path / "pictures" / "4_few_steps.png"), "--output", str(tmp_path / "i.png")])
+    for args, message in [(["--latent", "--latent-factor", "4", "--image-size", "30"],
+                           "--latent-factor 4 must divide the image size 30"),
+                          (["--latent", "--vanilla"], "--vanilla trains exactly Part I"),
+                          (["--latent", "--latent-factor", "4", "--arch", "unet"],
+                           "the 7-pixel latent does not")]:
+        expect_one_line_error(["train", "--data-dir", tiny_mnist, "--out-dir",
+                               str(tmp_path / "bad"), *args], message, capsys)
+    expect_one_line_error(["sample", "--ckpt", whole, "--classifier-scale", "1"],
+                          "needs a DDPM checkpoint in pixels", capsys, code=1)
+    assert not (tmp_path / "bad").exists()

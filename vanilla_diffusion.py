@@ -41,6 +41,7 @@ Symbols used in the comments (paper → code):
 """
 
 import argparse
+import collections
 import copy
 import functools
 import itertools
@@ -71,13 +72,15 @@ import torch.nn.functional as F
 #     Part II adds the upgrades' knobs to it (II.0). Needs: `from dataclasses import dataclass`.
 # ---------------------------------------------------------------------------------------------
 
-NUM_CLASSES = 10
-NULL_LABEL = NUM_CLASSES  # row 10 of the label embedding means "no label" (∅)
+NUM_CLASSES = 10   # MNIST's digits
+NULL_LABEL = -1    # "no label" (∅): the label embedding's last row, after the classes'
 
 
 @dataclass
 class Config:
-    image_size: int = 28            # MNIST is 28×28, one grey channel
+    image_size: int = 28            # MNIST is 28×28, one grey channel, ten digits
+    channels: int = 1
+    num_classes: int = NUM_CLASSES
     num_timesteps: int = 1000       # T
     beta_start: float = 1e-4        # β_0: the linear schedule of Ho et al.
     beta_end: float = 0.02          # β_{T−1}
@@ -294,18 +297,19 @@ class DiTBlock(nn.Module):
 class DiT(nn.Module):
     """ε_θ(x_t, t, c): a noisy image, its timestep and a label in; the predicted noise out."""
 
-    def __init__(self, config, channels=1):
+    def __init__(self, config, channels=None):
         super().__init__()
         D, p = config.width, config.patch_size
+        channels = channels or config.channels
         self.config, self.channels = config, channels
         self.patch_embed = nn.Linear(channels * p * p, D)          # a p×p patch → a token
         positions = position_embedding_2d(config.image_size // p, D)[None]       # [1, N, D]
         self.register_buffer("pos_embed", positions, persistent=False)
         self.time_mlp = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
         if config.cond:
-            # 11 rows (digits 0–9 and ∅), each `label_tokens` tokens for the cross-attention;
+            # K + 1 rows (the classes, then ∅), each `label_tokens` tokens for the cross-attention;
             # N(0, 1) rows, not DiT's std 0.02, so the timestep token beside them cannot drown them
-            self.label_embed = nn.Embedding(NUM_CLASSES + 1, config.label_tokens * D)
+            self.label_embed = nn.Embedding(config.num_classes + 1, config.label_tokens * D)
         self.blocks = nn.ModuleList(DiTBlock(D, config.heads, config.mlp_ratio, config.cond)
                                     for _ in range(config.depth))
         self.final_norm = layer_norm(D)
@@ -319,13 +323,14 @@ class DiT(nn.Module):
         """The cross-attention's keys and values: the label's tokens and the timestep token.
         Two keys at least: with one, softmax ≡ 1 and the attention ignores the image."""
         B, D = time_emb.shape
-        label_tokens = self.label_embed(labels).reshape(B, self.config.label_tokens, D)
+        rows = torch.where(labels == NULL_LABEL, self.config.num_classes, labels)   # ∅ → row K
+        label_tokens = self.label_embed(rows).reshape(B, self.config.label_tokens, D)
         return torch.cat([label_tokens, time_emb[:, None]], dim=1)       # [B, L+1, D]
 
     def forward(self, x_t, t, labels=None):
-        # x_t: [B, C, 28, 28]; t: [B] in [0, T−1] (fractional for flow); labels: [B] in 0..10
+        # x_t: [B, C, H, W]; t: [B] in [0, T−1] (fractional for flow); labels: [B], ∅ = −1
         p = self.config.patch_size
-        x = self.patch_embed(patchify(x_t, p)) + self.pos_embed          # [B, N, D], N = (28/p)²
+        x = self.patch_embed(patchify(x_t, p)) + self.pos_embed          # [B, N, D], N = (H/p)²
         time_emb = self.time_mlp(timestep_embedding(t, x.shape[-1]))     # [B, D]
         cond = None
         if self.config.cond:
@@ -334,7 +339,7 @@ class DiT(nn.Module):
             x = block(x, time_emb, cond)                                 # [B, N, D]
         shift, scale = self.final_ada_ln(time_emb)[:, None].chunk(2, dim=-1)  # [B, 1, D] each
         x = self.final_linear(modulate(self.final_norm(x), shift, scale))     # [B, N, C·p·p]
-        return unpatchify(x, p, self.channels)                           # [B, C, 28, 28]
+        return unpatchify(x, p, self.channels)                           # [B, C, H, W]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,7 +405,8 @@ def train_step(model, optimizer, scheduler, x0, labels, label_drop=0.1, generato
 @torch.no_grad()
 def sample_ddpm_cfg(model, scheduler, labels, guidance_scale, shape, generator=None,
                     device="cpu"):
-    """Images [B, 1, 28, 28] in about [−1, 1], on `device`; labels [B] (None: unconditional).
+    """Images of `shape` [B, C, H, W] in about [−1, 1], on `device`; labels [B] (None:
+    unconditional).
     model is any callable model(x_t, t, labels) → ε_θ."""
     x = gaussian_like(torch.empty(shape, device=device), generator)         # x_{T−1} ~ N(0, I)
     for t in range(scheduler.num_timesteps - 1, -1, -1):
@@ -412,8 +418,8 @@ def sample_ddpm_cfg(model, scheduler, labels, guidance_scale, shape, generator=N
         else:
             null = torch.full_like(labels, NULL_LABEL)
             both = model(torch.cat([x, x]), torch.cat([t_batch, t_batch]),
-                         torch.cat([labels, null]))                         # [2B, 1, 28, 28]
-            pred_cond, pred_uncond = both.chunk(2)                          # [B, 1, 28, 28] each
+                         torch.cat([labels, null]))                         # [2B, C, H, W]
+            pred_cond, pred_uncond = both.chunk(2)                          # [B, C, H, W] each
 
             # classifier-free guidance: w = 0 ignores the label, w = 1 follows it, w > 1 insists
             pred_noise = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
@@ -465,6 +471,12 @@ class Config(Config):
     autoguidance_scale: float = 4.0  # w in ε = ε_guide + w·(ε − ε_guide)
     objective: str = "eps"          # II.11 "eps": the DDPM schedule; "flow": rectified flow
     schedule: str = "linear"        # II.14 Part I's "linear" β, or Nichol & Dhariwal's "cosine"
+    arch: str = "dit"               # II.15 the network: "dit" (I.3 and II.1) or "unet"
+    unet_channels: int = 32         #   c, the UNet's width at full resolution
+    latent: bool = False            # II.16 diffusion in a VAE's latent space
+    latent_channels: int = 2        #   L, the latent's channels, at S/f × S/f: 14×14×2 for
+    latent_factor: int = 2          #   f    MNIST (docs/experiments.md: the VAE floors)
+    latent_scale: float = 1.0       #   k, measured on the training data before the denoiser
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,28 +489,23 @@ class Config(Config):
 # ---------------------------------------------------------------------------------------------
 
 class ConvDiT(DiT):
-    """The DiT of I.3 between a conv stem (1 → C channels) and a conv head (2C → 1)."""
+    """The DiT of I.3 between a conv stem (image channels → C) and a conv head (2C → image)."""
 
     def __init__(self, config):
         C = config.conv_channels
         super().__init__(config, channels=C)  # the transformer works on C-channel patches
-        self.stem = nn.Sequential(nn.Conv2d(1, C, 3, padding=1), nn.GELU(),
+        self.stem = nn.Sequential(nn.Conv2d(config.channels, C, 3, padding=1), nn.GELU(),
                                   nn.Conv2d(C, C, 3, padding=1))
         self.head = nn.Sequential(nn.Conv2d(2 * C, C, 3, padding=1), nn.GELU(),
-                                  nn.Conv2d(C, 1, 3, padding=1))
+                                  nn.Conv2d(C, config.channels, 3, padding=1))
         self.final_linear.reset_parameters()  # the head's last conv starts at 0 instead
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
 
     def forward(self, x_t, t, labels=None):
-        pixels = self.stem(x_t)                                          # [B, C, 28, 28]
-        x = super().forward(pixels, t, labels)                           # [B, C, 28, 28]
-        return self.head(torch.cat([x, pixels], dim=1))                  # [B, 1, 28, 28]
-
-
-def build_network(config):
-    """The network a config describes: I.3's DiT, or II.1's ConvDiT."""
-    return ConvDiT(config) if config.conv_channels else DiT(config)
+        pixels = self.stem(x_t)                                          # [B, C, H, W]
+        x = super().forward(pixels, t, labels)                           # [B, C, H, W]
+        return self.head(torch.cat([x, pixels], dim=1))                  # [B, 1 or 3, H, W]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -775,7 +782,7 @@ def guided_prediction(model, x, t, labels, guidance_scale, negative_labels=None,
     else:
         uncond_labels = negative_labels
     both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, uncond_labels]))
-    pred_cond, pred_uncond = both.chunk(2)                              # [B, 1, 28, 28] each
+    pred_cond, pred_uncond = both.chunk(2)                              # [B, C, H, W] each
     return pred_uncond + guidance_scale * (pred_cond - pred_uncond)
 
 
@@ -833,24 +840,24 @@ def conv_block(c_in, c_out):
 
 
 class NoisyClassifier(nn.Module):
-    """p_φ(y | x_t, t): three conv blocks (28 → 14 → 7 → 3), each told the timestep."""
+    """p_φ(y | x_t, t): three conv blocks (28 → 14 → 7 → 3 for MNIST), each told the timestep."""
 
-    def __init__(self, time_dim=64):
+    def __init__(self, image_channels=1, image_size=28, num_classes=NUM_CLASSES, time_dim=64):
         super().__init__()
-        channels = (1, 32, 64, 128)
+        channels = (image_channels, 32, 64, 128)
         self.blocks = nn.ModuleList(nn.Sequential(*conv_block(c_in, c_out))
                                     for c_in, c_out in zip(channels, channels[1:]))
         self.time = nn.ModuleList(nn.Linear(time_dim, c) for c in channels[1:])
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(128 * 3 * 3, 128), nn.ReLU(),
-                                  nn.Linear(128, NUM_CLASSES))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(128 * (image_size // 8) ** 2, 128),
+                                  nn.ReLU(), nn.Linear(128, num_classes))
         self.time_dim = time_dim
 
     def forward(self, x_t, t):
         time_emb = timestep_embedding(t, self.time_dim)                 # [B, 64]
-        h = x_t                                                         # [B, 1, 28, 28]
+        h = x_t                                                         # [B, C, H, W]
         for block, time in zip(self.blocks, self.time):
             h = block(h) + time(time_emb)[:, :, None, None]             # [B, C, H/2, W/2]
-        return self.head(h)                                             # [B, 10] logits
+        return self.head(h)                                             # [B, K] logits
 
 
 def noisy_classifier_loss(classifier, scheduler, x0, labels, generator=None):
@@ -863,7 +870,7 @@ def noisy_classifier_loss(classifier, scheduler, x0, labels, generator=None):
 
 
 def classifier_gradient(classifier, x_t, t, labels):
-    """g = ∇_{x_t} log p_φ(y | x_t, t) [B, 1, 28, 28], by autograd through the classifier."""
+    """g = ∇_{x_t} log p_φ(y | x_t, t) [B, C, H, W], by autograd through the classifier."""
     with torch.enable_grad():
         x_t = x_t.detach().requires_grad_(True)
         log_probs = F.log_softmax(classifier(x_t, t), dim=-1)               # [B, 10]
@@ -1174,6 +1181,203 @@ def scheduler_for(config):
     return NoiseScheduler(config.num_timesteps, config.beta_start, config.beta_end, betas)
 
 
+# ---------------------------------------------------------------------------------------------
+# II.15 A UNet (Ronneberger et al. 2015), the denoiser of Ho et al. 2020 and Stable Diffusion
+#   Replaces: I.3's DiT, with the same call model(x_t, t, labels) (`train --arch unet`). Needs:
+#   I.1, I.3 (its Attention, layer_norm, the DiT's condition tokens), II.0,
+#   `import torch.nn.functional as F`.
+#   Idea: convolutions see every pixel at full resolution; a down path halves the picture
+#   twice (28 → 14 → 7) and an up path doubles it back, each level joined to its mirror by a
+#   skip connection, so the fine detail of the way down reaches the way up. Each residual block
+#   takes the timestep as a scale and shift of its normalised features (the adaGN of Dhariwal &
+#   Nichol 2021: like adaLN in the DiT, t can gate every channel, where an added embedding can
+#   only shift it). At 14 and 7, self-attention over the positions, then cross-attention from
+#   the pixels (Q) to the label's tokens and the timestep token (K, V), as SD's
+#   CrossAttnDownBlock2D; the label embedding has the ∅ row, and the last conv starts at 0.
+#   Buys: README, "A UNet and latent diffusion".
+# ---------------------------------------------------------------------------------------------
+
+class ResBlock(nn.Module):
+    """GroupNorm → SiLU → conv, then the timestep as (1 + scale)·h + shift, → SiLU → conv, plus
+    the input (through a 1×1 conv where the width changes)."""
+
+    def __init__(self, c_in, c_out, time_dim):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(8, c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.time = nn.Linear(time_dim, 2 * c_out)
+        self.norm2, self.conv2 = nn.GroupNorm(8, c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, time_emb):
+        h = self.conv1(F.silu(self.norm1(x)))                            # [B, C_out, H, W]
+        scale, shift = self.time(time_emb)[:, :, None, None].chunk(2, dim=1)  # [B, C_out, 1, 1]
+        h = self.norm2(h) * (1 + scale) + shift                          # adaGN: t per channel
+        return self.skip(x) + self.conv2(F.silu(h))                      # [B, C_out, H, W]
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the H·W positions, then (conditional) cross-attention to the
+    condition tokens, each residual: SD's Transformer2DModel without its MLP."""
+
+    def __init__(self, channels, heads, token_dim, cross_attention):
+        super().__init__()
+        self.norm_self, self.self_attn = layer_norm(channels), Attention(channels, heads)
+        self.cross_attn = Attention(channels, heads) if cross_attention else None
+        self.norm_cross = layer_norm(channels) if cross_attention else None
+        self.context = nn.Linear(token_dim, channels) if cross_attention else None
+
+    def forward(self, x, cond_tokens=None):
+        B, C, H, W = x.shape
+        tokens = x.flatten(2).transpose(1, 2)                            # [B, H·W, C]
+        h = self.norm_self(tokens)
+        tokens = tokens + self.self_attn(h, h)                           # pixel ↔ pixel
+        if self.cross_attn is not None:                                  # Q pixels, KV cond
+            tokens = tokens + self.cross_attn(self.norm_cross(tokens), self.context(cond_tokens))
+        return tokens.transpose(1, 2).reshape(B, C, H, W)                # [B, C, H, W]
+
+
+class UNetLevel(nn.Module):
+    """One level of the UNet: a ResBlock, then (below the top) an AttentionBlock."""
+
+    def __init__(self, c_in, c_out, config, attend):
+        super().__init__()
+        self.res = ResBlock(c_in, c_out, config.width)
+        self.attn = AttentionBlock(c_out, config.heads, config.width, config.cond) if attend \
+            else None
+
+    def forward(self, h, time_emb, cond_tokens):
+        h = self.res(h, time_emb)
+        return h if self.attn is None else self.attn(h, cond_tokens)
+
+
+class UNet(nn.Module):
+    """ε_θ(x_t, t, c) as a UNet: levels of width c, 2c, 2c at S, S/2, S/4 (S = image_size)."""
+
+    condition_tokens = DiT.condition_tokens  # the label's tokens and the timestep token
+
+    def __init__(self, config):
+        super().__init__()
+        c, D = config.unet_channels, config.width
+        self.config = config
+        self.time_mlp = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
+        if config.cond:  # K + 1 rows (∅ last), `label_tokens` tokens each, as the DiT's
+            self.label_embed = nn.Embedding(config.num_classes + 1, config.label_tokens * D)
+        self.stem = nn.Conv2d(config.channels, c, 3, padding=1)
+        self.down = nn.ModuleList([UNetLevel(c, c, config, False),            # S
+                                   UNetLevel(c, 2 * c, config, True),         # S/2
+                                   UNetLevel(2 * c, 2 * c, config, True)])    # S/4
+        self.downsample = nn.ModuleList(nn.Conv2d(w, w, 3, stride=2, padding=1) for w in (c, 2 * c))
+        self.mid = UNetLevel(2 * c, 2 * c, config, True)
+        self.up = nn.ModuleList([UNetLevel(4 * c, 2 * c, config, True),       # [h; skip] in
+                                 UNetLevel(4 * c, 2 * c, config, True),
+                                 UNetLevel(3 * c, c, config, False)])
+        self.upsample = nn.ModuleList(nn.Conv2d(2 * c, 2 * c, 3, padding=1) for _ in range(2))
+        self.out = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(),
+                                 nn.Conv2d(c, config.channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)  # the output starts at 0, as the DiT's does
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x_t, t, labels=None):
+        # x_t: [B, C, S, S]; t: [B]; labels: [B], ∅ = −1
+        time_emb = self.time_mlp(timestep_embedding(t, self.config.width))  # [B, D]
+        cond = self.condition_tokens(labels, time_emb) if self.config.cond else None
+        h, skips = self.stem(x_t), []                                    # [B, c, S, S]
+
+        # down: each level's output is kept for its mirror, then halved
+        for k, level in enumerate(self.down):
+            h = level(h, time_emb, cond)
+            skips.append(h)
+            if k < len(self.downsample):
+                h = self.downsample[k](h)                                # [B, w, S/2ᵏ⁺¹, ·]
+
+        # middle, at S/4
+        h = self.mid(h, time_emb, cond)                                  # [B, 2c, S/4, S/4]
+
+        # up: the mirror's output joined on, then doubled
+        for k, level in enumerate(self.up):
+            h = level(torch.cat([h, skips.pop()], dim=1), time_emb, cond)
+            if k < len(self.upsample):
+                h = self.upsample[k](F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        return self.out(h)                                               # [B, C, S, S]
+
+
+# ---------------------------------------------------------------------------------------------
+# II.16 Latent diffusion (Rombach et al. 2022): diffusion in a small VAE's latent space
+#   Replaces: the pixels as x0 (`train --latent`). Needs: I.1, II.0, `import torch.nn as nn`,
+#   `import math`.
+#   Idea: a variational autoencoder (Kingma & Welling 2014) is trained first, alone: its
+#   encoder maps a picture to the mean μ and log-variance log σ² of a latent z (S/2 × S/2 ×
+#   2 by default), its decoder maps z back; the loss is the reconstruction error plus a small weight
+#   on KL(N(μ, σ²) ‖ N(0, I)), which keeps the latents near N(0, I) without blurring them much.
+#   It is then frozen; the denoiser learns the latents z = k·μ(x), with k the scale that gives
+#   them unit variance on the training data (SD's scaling factor, 0.18215 for its VAE), and a
+#   sample is decode(z/k). Buys: README, "A UNet and latent diffusion".
+# ---------------------------------------------------------------------------------------------
+
+class VAE(nn.Module):
+    """A convolutional autoencoder with a Gaussian latent: [B, C, S, S] ↔ [B, L, S/f, S/f]."""
+
+    def __init__(self, channels, latent_channels, factor, width=32):
+        super().__init__()
+        halvings = int(math.log2(factor))
+        down = [nn.Conv2d(width, width, 4, stride=2, padding=1) for _ in range(halvings)]
+        up = [nn.ConvTranspose2d(width, width, 4, stride=2, padding=1) for _ in range(halvings)]
+        self.encoder = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), nn.SiLU(),
+                                     *[m for conv in down for m in (conv, nn.SiLU())],
+                                     nn.Conv2d(width, 2 * latent_channels, 3, padding=1))
+        self.decoder = nn.Sequential(nn.Conv2d(latent_channels, width, 3, padding=1), nn.SiLU(),
+                                     *[m for conv in up for m in (conv, nn.SiLU())],
+                                     nn.Conv2d(width, channels, 3, padding=1))
+
+    def encode(self, x):
+        """μ and log σ² of q(z | x), each [B, L, S/f, S/f]."""
+        mean, log_var = self.encoder(x).chunk(2, dim=1)
+        return mean, log_var.clamp(-30, 20)
+
+    def decode(self, z):
+        return self.decoder(z)                                          # [B, C, S, S]
+
+
+def reparameterise(mean, log_var, generator=None):
+    """z = μ + σ·ε, ε ~ N(0, I): a draw of q(z | x) that gradients pass through (their §2.4)."""
+    noise = torch.randn(mean.shape, device=mean.device, generator=generator)
+    return mean + (0.5 * log_var).exp() * noise
+
+
+def kl_to_standard_normal(mean, log_var):
+    """KL(N(μ, σ²) ‖ N(0, I)) of each image [B]: ½·Σ(μ² + σ² − 1 − log σ²) (their App. B)."""
+    return 0.5 * (mean.pow(2) + log_var.exp() - 1 - log_var).flatten(1).sum(1)
+
+
+def vae_loss(vae, x, kl_weight=1e-4, generator=None):
+    """The mean squared reconstruction error of each image, plus kl_weight × its KL per pixel:
+    [B]."""
+    mean, log_var = vae.encode(x)
+    reconstruction = vae.decode(reparameterise(mean, log_var, generator))
+    error = (reconstruction - x).pow(2).mean(dim=(1, 2, 3))
+    return error + kl_weight * kl_to_standard_normal(mean, log_var) / x[0].numel()
+
+
+class LatentDiffusion(nn.Module):
+    """A denoiser of the VAE's scaled latents: the same call network(z_t, t, labels), with
+    encode(x) = k·μ(x) and decode(z) = the decoder's picture of z/k. The VAE stays frozen."""
+
+    def __init__(self, network, vae, scale):
+        super().__init__()
+        self.network, self.vae = network, vae.requires_grad_(False)
+        self.register_buffer("scale", torch.tensor(float(scale)))
+        self.config = network.config
+
+    def forward(self, z_t, t, labels=None):
+        return self.network(z_t, t, labels)
+
+    def encode(self, x):
+        return self.vae.encode(x)[0] * self.scale                       # z = k·μ(x)
+
+    def decode(self, z):
+        return self.vae.decode(z / self.scale).clamp(-1, 1)             # x = decoder(z/k)
+
+
 # =============================================================================================
 # Part III — the tool. The lecture has ended: what follows is the program around it (the
 #   training run, checkpoints, sampling by name, evaluation, the command line). It teaches no
@@ -1198,15 +1402,25 @@ def format_seconds(seconds):
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
-def read_mnist(data_dir, train=True, device="cpu"):
-    """I.4's load_mnist, with a clear message where the data is missing and cannot be fetched."""
-    try:
-        return load_mnist(data_dir, train, device)
-    except Exception as error:  # no network, a proxy, a half-written file: say where we looked
-        raw = os.path.join(data_dir, "MNIST", "raw")
-        raise UserError(f"MNIST is not in {raw} and could not be downloaded "
-                        f"({first_line(error)}); pass --data-dir pointing at a "
-                        f"folder that holds MNIST/raw") from None
+class Clock:
+    """Progress of a loop of `total` steps: a line is due every few seconds and at the end,
+    and each line ends with the ETA."""
+
+    def __init__(self, total, first=0, every=5.0):
+        self.total, self.first, self.every = total, first, every
+        self.started = self.last = time.time()
+
+    def due(self, done):
+        return done >= self.total or time.time() - self.last >= self.every
+
+    def rate(self, done):
+        """Steps per second since the start."""
+        return (done - self.first) / max(time.time() - self.started, 1e-9)
+
+    def say(self, done, text):
+        eta = (self.total - done) / max(self.rate(done), 1e-9)
+        print(f"{text}  ETA {format_seconds(eta)}", flush=True)
+        self.last = time.time()
 
 
 def to_pixels(x):
@@ -1221,20 +1435,6 @@ def save_grid(images, path, nrow):
     save_image(to_pixels(images.float().cpu()), path, nrow=nrow)
 
 
-def save_animation(frames, path, nrow, max_frames=60):
-    """The denoising as a GIF: one grid per step (at most max_frames), the last held a second."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-    count = min(max_frames, len(frames))
-    keep = torch.linspace(0, len(frames) - 1, count).round().long().unique().tolist()
-    pictures = []
-    for i in keep:
-        grid = make_grid(to_pixels(frames[i].float().cpu()), nrow=nrow)  # [3, H, W] in [0, 1]
-        grey = (grid[0] * 255).round().byte().numpy()
-        pictures.append(Image.fromarray(grey, mode="L"))
-    save_gif(pictures, path)
-
-
 def save_gif(pictures, path, duration=80):
     """PIL pictures as an animated GIF, the last one held a second."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -1242,29 +1442,222 @@ def save_gif(pictures, path, duration=80):
     pictures[0].save(path, save_all=True, append_images=held, duration=duration, loop=0)
 
 
-def load_init_image(path, size):
-    """A grey picture for image-to-image, resized to size×size, as [1, 1, size, size] in [−1, 1]."""
-    if not os.path.isfile(path):
-        raise UserError(f"no init image at {path}")
+# ---------------------------------------------------------------------------------------------
+# III.2 Data: MNIST, torchvision's other data sets, or a folder of your own pictures. Every set
+#     is decoded once into one uint8 tensor [N, C, S, S] (a quarter of float32's memory) and
+#     turned into x0 ∈ [−1, 1] a batch at a time; the run's Config records which set it was.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Config(Config):
+    """II.0's Config and the data a run was trained on (image_size, channels, num_classes are
+    I.1's): a torchvision set's name, or a folder's absolute path, and the classes' names."""
+    data: str = "mnist"
+    class_names: tuple = ()         # () for MNIST: the digits name themselves
+
+
+# torchvision's data sets by the name --data takes, with the folder each keeps under --data-dir
+DATASETS = {"mnist": ("MNIST", "MNIST/raw"), "fashion-mnist": ("FashionMNIST", "FashionMNIST/raw"),
+            "cifar10": ("CIFAR10", "cifar-10-batches-py")}
+
+
+@dataclass
+class Images:
+    pixels: torch.Tensor            # [N, C, S, S] uint8
+    labels: torch.Tensor            # [N] class indices (all 0 for a folder without classes)
+    class_names: tuple              # () for MNIST, none for a folder without subfolders
+
+    def __len__(self):
+        return len(self.pixels)
+
+
+def as_x0(images):
+    """Images as x0 ∈ [−1, 1]: uint8 pixels p become p / 127.5 − 1 (I.4's scaling), a batch at
+    a time; float images (samples) stay as they are."""
+    return images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images
+
+
+def label_names(config):
+    """The name of every class of a conditional model: MNIST's digits, or the recorded names."""
+    return list(config.class_names) or [str(k) for k in range(config.num_classes)]
+
+
+def resized(pixels, size):
+    """[N, C, H, W] uint8 with the shorter side resized to `size` (antialiased), then
+    centre-cropped to size × size: torchvision's Resize and CenterCrop."""
+    from torchvision.transforms.v2 import functional as TF
+    if pixels.shape[-2:] == (size, size):
+        return pixels
+    return TF.center_crop(TF.resize(pixels, size, antialias=True), size)
+
+
+@dataclass
+class DataSet:
+    """A data set found and measured but not decoded yet: decode() → Images [N, C, S, S]."""
+    data: str                       # as the Config records it
+    channels: int
+    size: int
+    class_names: tuple
+    count: int
+    decode: object                  # () → Images
+
+    @property
+    def num_classes(self):
+        """MNIST's ten digits, the named classes, or one for a folder without subfolders."""
+        return len(self.class_names) or (NUM_CLASSES if self.data == "mnist" else 1)
+
+
+def torchvision_set(name, data_dir, train, image_size):
+    """MNIST, Fashion-MNIST or CIFAR-10 from --data-dir, downloaded there if missing."""
+    from torchvision import datasets
+    kind, folder = DATASETS[name]
     try:
-        from PIL import Image
-        from torchvision.transforms.functional import pil_to_tensor
-        picture = Image.open(path).convert("L").resize((size, size), Image.BILINEAR)
+        dataset = getattr(datasets, kind)(root=data_dir, train=train, download=True)
+    except Exception as error:  # no network, a proxy, a half-written file: say where we looked
+        where = os.path.join(data_dir, *folder.split("/"))
+        raise UserError(f"{kind} is not in {where} and could not be downloaded "
+                        f"({first_line(error)}); pass --data-dir pointing at a folder that "
+                        f"holds {folder}") from None
+    pixels = torch.as_tensor(dataset.data)          # [N, H, W] grey or [N, H, W, 3] colour
+    pixels = pixels[:, None] if pixels.dim() == 3 else pixels.permute(0, 3, 1, 2).contiguous()
+    size = image_size or pixels.shape[-1]
+    names = () if name == "mnist" else tuple(dataset.classes)
+    images = lambda: Images(resized(pixels, size), torch.as_tensor(dataset.targets), names)
+    return DataSet(name, pixels.shape[1], size, names, len(pixels), images)
+
+
+def folder_samples(folder):
+    """(path, label) of every picture under `folder` (any format PIL opens; other files are
+    ignored), and the class names: its subfolders, sorted as torchvision's ImageFolder sorts
+    them, or () if the pictures lie in the folder itself (an unconditional set)."""
+    from PIL import Image
+    from torchvision.datasets.folder import find_classes, make_dataset
+    Image.init()
+    extensions = tuple(Image.registered_extensions())
+    if not any(entry.is_dir() for entry in os.scandir(folder)):
+        files = sorted(entry.path for entry in os.scandir(folder)
+                       if entry.name.lower().endswith(extensions))
+        return [(path, 0) for path in files], ()
+    classes, class_to_index = find_classes(folder)
+    samples = make_dataset(folder, class_to_index, extensions=extensions, allow_empty=True)
+    counts = torch.bincount(torch.tensor([label for _, label in samples], dtype=torch.long),
+                            minlength=len(classes))
+    empty = [name for name, count in zip(classes, counts.tolist()) if count == 0]
+    if empty:
+        raise UserError(f"--data {folder}: the class folder {empty[0]} holds no pictures (every "
+                        f"subfolder is a class); fill it or move it out")
+    return samples, tuple(classes)
+
+
+def read_header(path):
+    """A picture's mode and size, from its header only; a file PIL cannot read is named."""
+    from PIL import Image
+    try:
+        with Image.open(path) as picture:
+            return picture.mode, picture.size
     except Exception as error:
-        raise UserError(f"could not read {path} as an image ({first_line(error)})") from None
-    return pil_to_tensor(picture).float()[None] / 127.5 - 1
+        raise UserError(f"cannot read {path} as a picture ({first_line(error)}); "
+                        f"delete or repair it (no picture is skipped silently)") from None
+
+
+def picture_to_pixels(picture, channels, size):
+    """A PIL picture as uint8 [C, S, S]: grey or RGB, shorter side to S, centre-cropped."""
+    from torchvision.transforms.functional import pil_to_tensor
+    picture = picture.convert("L" if channels == 1 else "RGB")
+    return resized(pil_to_tensor(picture)[None], size)[0]
+
+
+def available_memory():
+    """Bytes of memory free for new data (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def folder_set(folder, image_size, channels=None):
+    """Every picture under `folder`, found and measured from its header. Grey if every picture
+    is single-channel, RGB otherwise (or `channels`); image_size None: the smallest picture's
+    shorter side, at most 64 (a DiT on a CPU pays for every token; --image-size for more)."""
+    samples, names = folder_samples(folder)
+    samples = tuple(samples)  # hashable, for decode_folder's cache
+    if not samples:
+        raise UserError(f"--data {folder}: no pictures found in it or its subfolders")
+    headers = [read_header(path) for path, _ in samples]
+    grey = all(mode in ("1", "L", "LA", "I", "I;16", "F") for mode, _ in headers)
+    channels = channels or (1 if grey else 3)
+    size = image_size or min(64, min(min(shape) for _, shape in headers))
+    decode = lambda: decode_folder(folder, samples, names, channels, size)
+    return DataSet(os.path.abspath(folder), channels, size, names, len(samples), decode)
+
+
+@functools.lru_cache(maxsize=1)  # evaluate and show read a folder as train and as test set
+def decode_folder(folder, samples, names, channels, size):
+    """The pictures decoded into one uint8 tensor, with progress; a file that cannot be decoded
+    is named (a truncated one fails only here)."""
+    from PIL import Image
+    need, free = len(samples) * channels * size * size, available_memory()
+    if free is not None and need > free:
+        raise UserError(f"--data {folder}: {len(samples):,} pictures at {channels}×{size}×{size} "
+                        f"take {need / 2**30:.1f} GiB, but {free / 2**30:.1f} GiB are free; "
+                        f"pass a smaller --image-size")
+    print(f"decoding {len(samples):,} pictures from {folder} into {channels}×{size}×{size} "
+          f"({need / 2**20:,.1f} MB as uint8)", flush=True)
+    pixels, clock = torch.empty(len(samples), channels, size, size, dtype=torch.uint8), Clock(
+        len(samples))
+    for i, (path, _) in enumerate(samples):
+        try:
+            with Image.open(path) as picture:
+                pixels[i] = picture_to_pixels(picture, channels, size)
+        except Exception as error:
+            raise UserError(f"cannot decode {path} ({first_line(error)}); delete or repair it "
+                            f"(no picture is skipped silently)") from None
+        if clock.due(i + 1) and len(samples) >= 1000:
+            clock.say(i + 1, f"  decoded {i + 1:,}/{len(samples):,}")
+    return Images(pixels, torch.tensor([label for _, label in samples]), names)
+
+
+def find_data(data, data_dir="data", train=True, image_size=None, channels=None):
+    """The DataSet --data names: one of DATASETS, or a folder (which has no test split: its
+    train=False is the folder again)."""
+    if data in DATASETS:
+        return torchvision_set(data, data_dir, train, image_size)
+    if os.path.isdir(data):
+        return folder_set(data, image_size, channels)
+    raise UserError(f"--data {data}: not a folder, nor one of {', '.join(DATASETS)}")
+
+
+def checked_data(config, data=None, data_dir="data", train=True):
+    """The DataSet a checkpoint's model was made for (its recorded data, or --data), at its
+    size and channels; a set of other channels or another class count is refused."""
+    found = find_data(data or config.data, data_dir, train, config.image_size, config.channels)
+    if found.channels != config.channels or found.num_classes != config.num_classes:
+        raise UserError(f"--data {found.data}: pictures of {found.channels} channel(s) and "
+                        f"{found.num_classes} classes, but the model was made for "
+                        f"{config.channels} and {config.num_classes}")
+    return found
+
+
+def load_images(config, data=None, data_dir="data", train=True, device="cpu"):
+    """checked_data's images, decoded onto `device`."""
+    images = checked_data(config, data, data_dir, train).decode()
+    return Images(images.pixels.to(device), images.labels.to(device), images.class_names)
 
 
 # ---------------------------------------------------------------------------------------------
-# III.2 Sampling by name: the samplers of Parts I and II behind one function, generate()
+# III.3 Sampling by name: the samplers of Parts I and II behind one function, generate()
 # ---------------------------------------------------------------------------------------------
 
 def clean_guess(scheduler, config, x_t, t, output):
-    """The clean image an ε (or, for a flow model, a velocity) implies, clamped to [−1, 1]:
-    II.5's predict_x0, or x0 = x_s − s·v on II.11's straight line."""
+    """The clean image an ε (or, for a flow model, a velocity) implies, clamped to [−1, 1]
+    (a latent, II.16, is not): II.5's predict_x0, or x0 = x_s − s·v on II.11's line."""
     if config.objective == "flow":
-        return (x_t - t / (config.num_timesteps - 1) * output).clamp(-1, 1)
-    return predict_x0(scheduler, x_t, t, output).clamp(-1, 1)
+        guess = x_t - t / (config.num_timesteps - 1) * output
+    else:
+        guess = predict_x0(scheduler, x_t, t, output)
+    return guess if config.latent else guess.clamp(-1, 1)
 
 
 class RecordingDenoiser:
@@ -1357,6 +1750,30 @@ def sampler_loop(denoise, scheduler, config, x, sampling, start_t, generator=Non
     return dpmpp_2m_sde_sampler(denoiser, x, sigmas, eta, generator)
 
 
+def sampler_and_steps(config, sampler=None, steps=None):
+    """The sampler asked for (or the checkpoint's) and its steps (all T for the DDPM loops, else
+    the checkpoint's), checked: which sampler fits which checkpoint, and how many steps."""
+    sampler = sampler or ("euler" if config.objective == "flow" else config.sampler)
+    all_t = sampler in ("ddpm", "vanilla")
+    if steps is None:
+        steps = config.num_timesteps if all_t else config.sample_steps
+    flow = config.objective == "flow"
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if flow and sampler != "euler":
+        raise UserError(f"this checkpoint was trained with --objective flow; it samples with "
+                        f"--sampler euler (with --sde-noise: the flow SDE), not {sampler}")
+    if sampler == "vanilla" and config.prediction != "eps":
+        raise UserError(f"--sampler vanilla (Part I's loop) needs a network that predicts ε; "
+                        f"this one predicts {config.prediction}: use --sampler ddpm")
+    if steps < 1 or (not flow and steps > config.num_timesteps):
+        raise UserError(f"--steps must be between 1 and T = {config.num_timesteps}, got {steps}")
+    if all_t and steps != config.num_timesteps:
+        raise UserError(f"the {sampler} sampler takes all T = {config.num_timesteps} steps; use "
+                        f"--sampler ddim for fewer")
+    return sampler, steps
+
+
 @torch.no_grad()
 def generate(model, scheduler, config, labels, *, shape, generator=None, noise=None, frames=None,
              record=None, **settings):
@@ -1370,37 +1787,37 @@ def generate(model, scheduler, config, labels, *, shape, generator=None, noise=N
     if sampling.sampler == "vanilla":  # it draws its own noise, and records nothing
         return sample_ddpm_cfg(model, scheduler, labels, sampling.guidance_scale, shape,
                                generator, device)
-    interval = sampling.guidance_interval or (config.guidance_low, config.guidance_high)
-    classifier_guide = None
-    if sampling.classifier is not None and sampling.classifier_scale != 0:
-        classifier_guide = ClassifierGuide(sampling.classifier, scheduler, labels,
-                                           sampling.classifier_scale)
-    ddpm = sampling.sampler == "ddpm"  # DDPM takes classifier guidance as a mean shift
-    denoise = Denoiser(model, scheduler, config, labels if config.cond else None,
-                       sampling.guidance_scale, sampling.negative_labels, interval,
-                       sampling.guide, None if ddpm else classifier_guide)
+    denoise, mean_shift = guided_denoiser(model, scheduler, config, labels, sampling)
     if record is not None:
         denoise = RecordingDenoiser(denoise, scheduler, config, record)
     if noise is None:
         noise = gaussian_like(torch.empty(shape, device=device), generator)
     x = noise.to(device)                                                # x_{T−1} ~ N(0, I)
+    view = model.decode if config.latent else (lambda z: z)  # II.16: a latent → its picture
     if sampling.init_images is not None:
-        x = noised_start(scheduler, config, sampling.init_images, sampling.strength, x)
+        init = model.encode(sampling.init_images) if config.latent else sampling.init_images
+        x = noised_start(scheduler, config, init, sampling.strength, x)
     start_t = round(sampling.strength * (config.num_timesteps - 1))
-    mean_shift = classifier_guide.mean_shift if ddpm and classifier_guide else None
     for x in sampler_loop(denoise, scheduler, config, x, sampling, start_t, generator,
                           mean_shift):
         if frames is not None:
-            frames.append(x)
-    return x
+            frames.append(view(x))
+    return view(x)
 
 
-def default_sampler(config):
-    return "euler" if config.objective == "flow" else config.sampler
-
-
-def default_steps(sampler, config):
-    return config.num_timesteps if sampler in ("ddpm", "vanilla") else config.sample_steps
+def guided_denoiser(model, scheduler, config, labels, sampling):
+    """II.8's Denoiser with the guidance `sampling` asks for; and DDPM's mean shift of
+    classifier guidance (the other samplers take it inside the denoiser), or None."""
+    interval = sampling.guidance_interval or (config.guidance_low, config.guidance_high)
+    classifier_guide = None
+    if sampling.classifier is not None and sampling.classifier_scale != 0:
+        classifier_guide = ClassifierGuide(sampling.classifier, scheduler, labels,
+                                           sampling.classifier_scale)
+    ddpm = sampling.sampler == "ddpm"
+    denoise = Denoiser(model, scheduler, config, labels if config.cond else None,
+                       sampling.guidance_scale, sampling.negative_labels, interval,
+                       sampling.guide, None if ddpm else classifier_guide)
+    return denoise, classifier_guide.mean_shift if ddpm and classifier_guide else None
 
 
 def default_guidance_scale(config):
@@ -1408,28 +1825,42 @@ def default_guidance_scale(config):
     return config.guidance_scale if config.cond else config.autoguidance_scale
 
 
-def save_sample_grid(model, scheduler, config, path, guide=None, per_digit=8, seed=0):
-    """The picture written after each epoch: a row per digit (an 8×8 grid if unconditional).
-    A checkpoint that samples all T steps draws it with DDIM 20, which takes seconds."""
+def image_shape(config, count):
+    """The shape of what the sampler draws for `count` images: [count, C, S, S], or for a
+    latent model (II.16) its latents [count, L, S/f, S/f]."""
+    config = network_config(config)
+    return (count, config.channels, config.image_size, config.image_size)
+
+
+def save_sample_grid(model, scheduler, config, path, guide=None, per_class=8, seed=0):
+    """The picture written after each epoch: a row per class, named where the data has names
+    (an 8×8 grid if unconditional). A checkpoint that samples all T steps draws it with DDIM
+    20, which takes seconds."""
     device = next(model.parameters()).device
     model.eval()
     labels = None
     if config.cond:
-        labels = torch.arange(NUM_CLASSES, device=device).repeat_interleave(per_digit)
+        labels = torch.arange(config.num_classes, device=device).repeat_interleave(per_class)
     count = len(labels) if config.cond else 64
-    sampler = default_sampler(config)
-    steps = default_steps(sampler, config)
+    sampler, steps = sampler_and_steps(config)
     if sampler in ("ddpm", "vanilla"):
         sampler, steps = "ddim", 20
-    images = generate(model, scheduler, config, labels, shape=(count, 1, 28, 28),
+    images = generate(model, scheduler, config, labels, shape=image_shape(config, count),
                       guidance_scale=default_guidance_scale(config), sampler=sampler,
                       steps=steps, guide=guide, generator=torch.Generator().manual_seed(seed))
-    save_grid(images, path, nrow=per_digit if config.cond else 8)
+    if config.cond and config.class_names:
+        rows = [(name[:14], as_picture(chunk, per_class, scale=1))
+                for name, chunk in zip(config.class_names, images.split(per_class))]
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        title = f"{os.path.basename(config.data)}: a row per class"
+        sheet(title, rows, margin=90).save(path)
+    else:
+        save_grid(images, path, nrow=per_class if config.cond else 8)
     model.train()
 
 
 # ---------------------------------------------------------------------------------------------
-# III.3 Checkpoints: written durably (fsync, then an atomic rename), only from finite weights,
+# III.4 Checkpoints: written durably (fsync, then an atomic rename), only from finite weights,
 #     and holding every random state of the run, so that --resume continues it bit for bit.
 # ---------------------------------------------------------------------------------------------
 
@@ -1572,12 +2003,35 @@ def load_guide(state, config, device):
     return guide.eval()
 
 
+def network_config(config):
+    """The config of the denoiser itself: for a latent model (II.16) it sees the latent."""
+    if not config.latent:
+        return config
+    return replace(config, latent=False, channels=config.latent_channels,
+                   image_size=config.image_size // config.latent_factor)
+
+
+def build_network(config):
+    """The network a config describes: I.3's DiT, II.1's ConvDiT, or II.15's UNet; for a
+    latent model, the one of its latent inside II.16's LatentDiffusion."""
+    if config.latent:
+        vae = VAE(config.channels, config.latent_channels, config.latent_factor)
+        return LatentDiffusion(build_network(network_config(config)), vae, config.latent_scale)
+    if config.arch == "unet":
+        return UNet(config)
+    return ConvDiT(config) if config.conv_channels else DiT(config)
+
+
 def build_model(config, device):
     return build_network(config).to(device), scheduler_for(config).to(device)
 
 
+Loaded = collections.namedtuple("Loaded", "model scheduler config guide state")
+
+
 def load_model(path, device):
-    """The EMA weights of a checkpoint in a model rebuilt from its stored config."""
+    """The EMA weights of a checkpoint in a model rebuilt from its stored config, and its
+    autoguidance guide (or None)."""
     state, config = load_checkpoint(path, device)
     model, scheduler = build_model(config, device)
     try:
@@ -1585,11 +2039,11 @@ def load_model(path, device):
     except (KeyError, RuntimeError) as error:
         raise UserError(f"the weights in {path} do not fit the model its config describes "
                         f"(made by another version of this file?): {first_line(error)}") from None
-    return model.eval(), scheduler, config, state
+    return Loaded(model.eval(), scheduler, config, load_guide(state, config, device), state)
 
 
 # ---------------------------------------------------------------------------------------------
-# III.4 The training run: I.5's step inside a loop (nanoGPT's train.py style), and around it
+# III.5 The training run: I.5's step inside a loop (nanoGPT's train.py style), and around it
 #     small functions that start or restore a run, print progress, stop cleanly on Ctrl-C and
 #     stop at once if the loss diverges.
 # ---------------------------------------------------------------------------------------------
@@ -1631,12 +2085,13 @@ class Run:
     guide: nn.Module = None    # unconditional: a frozen early copy of the EMA (II.8)
 
 
-def start_run(config, device, seed, checkpoint=None, path=""):
-    """A new run from `seed`, or the run stored in `checkpoint` restored exactly; and the
-    noise scheduler it trains with."""
-    scheduler = scheduler_for(config).to(device)
+def start_run(config, device, seed, checkpoint=None, path="", vae=None):
+    """A new run from `seed` (of a latent model: with the trained VAE's weights), or the run
+    stored in `checkpoint` restored exactly; and the noise scheduler it trains with."""
     torch.manual_seed(seed)
-    model = build_network(config).to(device)
+    model, scheduler = build_model(config, device)
+    if vae is not None:
+        model.vae.load_state_dict(vae)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
                                   betas=(0.9, config.adam_beta2), weight_decay=0.0)
@@ -1682,7 +2137,11 @@ def batch_indices(step, batch_size, num_images, seed):
 
 class StopOnCtrlC:
     """The first Ctrl-C lets the current step finish, so the saved state is whole and the run
-    resumes exactly; a second Ctrl-C stops at once."""
+    resumes exactly; a second Ctrl-C stops at once, unless `keep` (torchrun sends every worker
+    a second SIGINT of its own, then waits for them)."""
+
+    def __init__(self, keep=False):
+        self.keep = keep
 
     def __enter__(self):
         self.pressed, self.previous = False, None
@@ -1694,7 +2153,8 @@ class StopOnCtrlC:
 
     def press(self, signum, frame):
         self.pressed = True
-        signal.signal(signal.SIGINT, self.previous)
+        if not self.keep:
+            signal.signal(signal.SIGINT, self.previous)
 
     def __exit__(self, *exception):
         if self.previous is not None:
@@ -1706,9 +2166,9 @@ class Progress:
     tenth of t: the README lists reference values to compare with."""
 
     def __init__(self, first_step, total_steps, batch_size, num_images, device):
-        self.first_step, self.total_steps, self.batch_size = first_step, total_steps, batch_size
+        self.total_steps, self.batch_size = total_steps, batch_size
         self.steps_per_epoch = num_images // batch_size
-        self.started = self.last_print = time.time()
+        self.clock = Clock(total_steps, first_step)
         self.bucket_loss = torch.zeros(10, device=device)    # summed loss per tenth of t
         self.bucket_count = torch.zeros(10, device=device)
 
@@ -1719,15 +2179,10 @@ class Progress:
         buckets = (noise_level * 10).long().clamp(0, 9)
         self.bucket_loss.index_add_(0, buckets, per_image.detach().float())
         self.bucket_count.index_add_(0, buckets, torch.ones_like(per_image))
-        now = time.time()
-        if now - self.last_print < 5 and step < self.total_steps:
-            return
-        rate = (step - self.first_step) * self.batch_size / max(now - self.started, 1e-9)
-        eta = (self.total_steps - step) * self.batch_size / max(rate, 1e-9)
-        epoch = step / self.steps_per_epoch
-        print(f"step {step}/{self.total_steps}  epoch {epoch:.2f}  loss {loss:.4f}  lr {lr:.2e}  "
-              f"{rate:.0f} img/s  ETA {format_seconds(eta)}", flush=True)
-        self.last_print = now
+        if self.clock.due(step):
+            rate, epoch = self.clock.rate(step) * self.batch_size, step / self.steps_per_epoch
+            self.clock.say(step, f"step {step}/{self.total_steps}  epoch {epoch:.2f}  loss "
+                                 f"{loss:.4f}  lr {lr:.2e}  {rate:.0f} img/s")
 
     def print_loss_per_tenth_of_t(self):
         means = (self.bucket_loss / self.bucket_count.clamp(min=1)).tolist()
@@ -1757,13 +2212,119 @@ def end_of_epoch(run, config, scheduler, out_dir, seed, progress):
     print(f"saved {ckpt_path} and {grid_path}", flush=True)
 
 
-def train(config, images, labels, *, out_dir, total_steps, seed=0, checkpoint=None):
-    """Algorithm 1 for total_steps; returns the Run (short of total_steps after a Ctrl-C)."""
-    device, ckpt_path = images.device, os.path.join(out_dir, "ckpt.pt")
-    run, scheduler = start_run(config, device, seed, checkpoint, ckpt_path)
+class OwnShare(nn.Module):
+    """Under torchrun every rank draws the whole batch's t, ε and label dropout from the same
+    seeded generator (the draws one process makes) and builds the whole x_t; the network runs
+    on this rank's share of the batch only. The rest of its output is zero, and unused."""
+
+    def __init__(self, network, share):
+        super().__init__()
+        self.network, self.share = network, share
+
+    def forward(self, x, t, labels=None):
+        mine = self.share
+        output = torch.zeros_like(x)
+        output[mine] = self.network(x[mine], t[mine], None if labels is None else labels[mine])
+        return output
+
+
+def fit_network(network, loss_fn, images, labels, epochs, name, batch_size=128):
+    """Adam with a one-cycle schedule on random batches, loss_fn(network, x, y) → the loss: how
+    the VAE (II.16) and evaluate's classifiers are trained. A progress line every few seconds."""
+    optimizer = torch.optim.Adam(network.parameters(), lr=2e-3)
+    steps = max(1, epochs * (len(images) // batch_size))
+    lr_decay = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
+    network.train()
+    clock = Clock(steps)
+    for step in range(1, steps + 1):
+        batch = torch.randint(0, len(images), (batch_size,), device=images.device)
+        loss = loss_fn(network, as_x0(images[batch]), labels[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lr_decay.step()
+        if clock.due(step):
+            clock.say(step, f"  {name} step {step}/{steps}  loss {loss.item():.4f}")
+    return network.eval()
+
+
+def trained_vae(config, images, out_dir, epochs=2):
+    """Stage one of latent diffusion (II.16): the VAE, trained on the images and cached at
+    <out-dir>/vae.pt, and the scale k = 1/std(μ) of its latents on the first 10,000 images.
+    Under torchrun rank 0 trains it; the others read it."""
+    path, (rank, world) = os.path.join(out_dir, "vae.pt"), distributed()
+    torch.manual_seed(0)
+    vae = VAE(config.channels, config.latent_channels, config.latent_factor).to(images.device)
+    if rank == 0 and not os.path.isfile(path):
+        print(f"training the VAE of latent diffusion (cached at {path})", flush=True)
+        vae_loss_of = lambda net, x, y: vae_loss(net, x).mean()
+        fit_network(vae, vae_loss_of, images, images, epochs, "VAE")
+        with torch.no_grad():
+            means = torch.cat([vae.encode(as_x0(images[i:i + 1000]))[0]
+                               for i in range(0, min(len(images), 10_000), 1000)])
+        durable_save({"vae": vae.state_dict(), "scale": 1 / means.std().item()}, path)
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()  # rank 0 has written it
+    try:
+        cached = torch.load(path, map_location=images.device, weights_only=True)
+        vae.load_state_dict(cached["vae"])
+    except Exception as error:
+        raise UserError(f"cannot read the VAE cached at {path} ({first_line(error)}); delete "
+                        f"it to train a new one") from None
+    print(f"VAE latents {image_shape(config, 1)[1:]}, scale k = {cached['scale']:.4f}")
+    return cached["vae"], cached["scale"]
+
+
+def shared_network(model, batch_size, rank, world):
+    """The network a rank trains, and its share of the batch: the model itself and all of it
+    in a plain run; under torchrun DDP's wrapper, which averages the shares' gradients."""
+    if world == 1:
+        return model, slice(None)
+    from torch.nn.parallel import DistributedDataParallel
+    share = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
+    return OwnShare(DistributedDataParallel(model), share), share
+
+
+def agree(loss, stop, world, device):
+    """Under torchrun: the whole batch's mean loss, and whether any rank saw Ctrl-C (all ranks
+    stop after the same step)."""
+    if world == 1:
+        return loss, stop
+    import torch.distributed as dist
+    agreed = torch.tensor([loss / world, float(stop)], device=device)
+    dist.all_reduce(agreed)
+    return agreed[0].item(), agreed[1].item() > 0
+
+
+def optimizer_step(run, network, share, scheduler, config, pixels, labels, lr, ckpt_path):
+    """I.5's train_step on this process's share of the batch, stopped before a bad update:
+    each image's loss [B] and noise level [B], and the share's mean loss."""
+    x0 = as_x0(pixels)
+    if config.latent:  # II.16: the denoiser learns the VAE's latents
+        with torch.no_grad():
+            x0 = run.model.encode(x0)
+    per_image, noise_level = training_loss(network, scheduler, x0, labels, config,
+                                           run.generator)
+    loss = per_image[share].mean()
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
+    stop_if_diverged(loss, grad_norm, run.step, lr, ckpt_path)
+    run.optimizer.step()
+    return per_image, noise_level, loss
+
+
+def train(config, images, labels, *, out_dir, total_steps, seed=0, checkpoint=None, rank=0,
+          world=1, vae=None):
+    """Algorithm 1 for total_steps on uint8 images; returns the Run (short of total_steps
+    after a Ctrl-C). Under torchrun (world > 1) rank 0 alone keeps the EMA, prints and saves."""
+    device, ckpt_path, main = images.device, os.path.join(out_dir, "ckpt.pt"), rank == 0
+    run, scheduler = start_run(config, device, seed, checkpoint, ckpt_path, vae)
+    (network, share), stop = shared_network(run.model, config.batch_size, rank, world), False
     progress = Progress(run.step, total_steps, config.batch_size, len(images), device)
-    with StopOnCtrlC() as ctrl_c:
-        while run.step < total_steps and not ctrl_c.pressed:
+    with StopOnCtrlC(keep=world > 1) as ctrl_c:
+        while run.step < total_steps and not stop:
 
             # draw the batch: the indices of this step's images and labels
             batch = batch_indices(run.step, config.batch_size, len(images), seed).to(device)
@@ -1772,121 +2333,98 @@ def train(config, images, labels, *, out_dir, total_steps, seed=0, checkpoint=No
             lr = set_learning_rate(run.optimizer, learning_rate(run.step, total_steps, config))
 
             # forward, backward, update (I.5's train_step, with a stop before a bad update)
-            per_image, noise_level = training_loss(run.model, scheduler, images[batch],
-                                                   labels[batch], config, run.generator)
-            loss = per_image.mean()
-            run.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
-            stop_if_diverged(loss, grad_norm, run.step, lr, ckpt_path)
-            run.optimizer.step()
+            per_image, noise_level, loss = optimizer_step(
+                run, network, share, scheduler, config, images[batch], labels[batch], lr, ckpt_path)
 
             # the exponential moving average of the weights (and the guide of autoguidance)
-            update_averages(run, config, total_steps)
+            if main:
+                update_averages(run, config, total_steps)
             run.step += 1
 
-            # progress, and at the end of each epoch a checkpoint and a picture
-            progress.update(run.step, loss.item(), per_image, noise_level, lr)
-            if progress.epoch_ended(run.step):
+            # progress, and at the end of each epoch a checkpoint and a picture (rank 0's)
+            shown, stop = agree(loss.item(), ctrl_c.pressed, world, device)
+            if main:
+                progress.update(run.step, shown, per_image[share], noise_level[share], lr)
+            if main and progress.epoch_ended(run.step):
                 end_of_epoch(run, config, scheduler, out_dir, seed, progress)
-    if run.step < total_steps:  # Ctrl-C: the step in flight finished, so the state is whole
+    if run.step < total_steps and main:  # Ctrl-C: the step in flight finished, the state is whole
         save_checkpoint(ckpt_path, run, config, seed)
     return run
 
 
 # ---------------------------------------------------------------------------------------------
-# III.5 Evaluation: how good are the samples?
+# III.6 Evaluation: how good are the samples?
 #     A small CNN checks that each sample shows its label; its features give a Fréchet
 #     distance to real digits (the FID formula of Heusel et al. 2017, with an MNIST network).
 # ---------------------------------------------------------------------------------------------
 
 class Classifier(nn.Module):
-    """A small CNN for MNIST (> 99% test accuracy after two epochs); features() is its 128-d
+    """A small CNN (MNIST: > 99% test accuracy after two epochs); features() is its 128-d
     penultimate layer."""
 
-    def __init__(self):
+    def __init__(self, channels=1, size=28, num_classes=NUM_CLASSES):
         super().__init__()
-        self.body = nn.Sequential(*conv_block(1, 32), *conv_block(32, 64),       # 28 → 14 → 7
-                                  *conv_block(64, 128), nn.Flatten(),            # → 3
-                                  nn.Linear(128 * 3 * 3, 128), nn.ReLU())
-        self.head = nn.Linear(128, NUM_CLASSES)
+        self.body = nn.Sequential(*conv_block(channels, 32), *conv_block(32, 64),  # 28 → 14 → 7
+                                  *conv_block(64, 128), nn.Flatten(),              # → 3
+                                  nn.Linear(128 * (size // 8) ** 2, 128), nn.ReLU())
+        self.head = nn.Linear(128, num_classes)
 
     def features(self, x):
         return self.body(x)             # [B, 128]
 
     def forward(self, x):
-        return self.head(self.body(x))  # [B, 10] logits
+        return self.head(self.body(x))  # [B, K] logits
 
 
 @torch.no_grad()
 def classify(classifier, images, batch_size=1000):
-    """Class probabilities [N, 10] and penultimate features [N, 128] of images in [−1, 1]."""
+    """Class probabilities [N, K] and penultimate features [N, 128] of images (uint8, or
+    floats in [−1, 1])."""
     classifier.eval()
-    features = torch.cat([classifier.features(images[i:i + batch_size])
+    features = torch.cat([classifier.features(as_x0(images[i:i + batch_size]))
                           for i in range(0, len(images), batch_size)])
     return classifier.head(features).softmax(dim=1), features
 
 
-def fit_classifier(classifier, loss_fn, images, labels, epochs, batch_size=128):
-    """Adam with a one-cycle schedule on random batches; loss_fn(classifier, x, y) → the loss.
-    A progress line every few seconds."""
-    optimizer = torch.optim.Adam(classifier.parameters(), lr=2e-3)
-    steps = epochs * (len(images) // batch_size)
-    lr_decay = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
-    classifier.train()
-    started = last_print = time.time()
-    for step in range(1, steps + 1):
-        batch = torch.randint(0, len(images), (batch_size,), device=images.device)
-        loss = loss_fn(classifier, images[batch], labels[batch])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        lr_decay.step()
-        if time.time() - last_print > 5 or step == steps:
-            eta = (time.time() - started) / step * (steps - step)
-            print(f"  classifier step {step}/{steps}  loss {loss.item():.4f}  "
-                  f"ETA {format_seconds(eta)}", flush=True)
-            last_print = time.time()
-    return classifier.eval()
-
-
-def cached_classifier(path, classifier, train_it):
-    """`classifier` with the weights cached at `path`; where none can be read, train_it trains
-    it (and reports on it), and it is cached there."""
+def cached_classifier(path, network, what, loss_fn, epochs, data, report):
+    """`network` (built from seed 0) with the weights cached at `path`; where none can be
+    read, it is trained on data() → (train Images, test Images) with loss_fn(net, x, y),
+    report(net, test images, labels) prints how good it is, and it is cached there."""
     if os.path.isfile(path):
         try:
-            classifier.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            return classifier.eval()
+            network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return network.eval()
         except Exception:  # a damaged cache is only a cache: train a new one
             print(f"could not read the cached classifier {path}; training a new one", flush=True)
-    train_it(classifier)
+    print(f"training {what} (cached at {path})", flush=True)
+    train_images, test_images = data()
+    fit_network(network, loss_fn, train_images.pixels, train_images.labels, epochs, "classifier")
+    report(network.eval(), test_images.pixels, test_images.labels)
     try:
-        durable_save(classifier.state_dict(), path)
+        durable_save(network.state_dict(), path)
     except OSError as error:  # a cache we cannot write costs a minute next time, nothing more
         print(f"could not cache the classifier at {path} ({error.strerror})", flush=True)
-    return classifier.eval()
+    return network.eval()
 
 
-def get_classifier(path, data_dir, device):
-    """The judge (two epochs, about a minute on 2 cores), cached at `path`."""
-    def train_it(classifier):
-        print(f"training the evaluation classifier (cached at {path})", flush=True)
-        images, labels = read_mnist(data_dir, train=True, device=device)
-        cross_entropy = lambda net, x, y: F.cross_entropy(net(x), y)
-        fit_classifier(classifier, cross_entropy, images, labels, epochs=2)
-        test_images, test_labels = read_mnist(data_dir, train=False, device=device)
-        accuracy = (classify(classifier, test_images)[0].argmax(1) == test_labels).float().mean()
-        print(f"classifier trained: {accuracy.item():.2%} on the 10,000 MNIST test images")
+def get_classifier(path, config, data, device):
+    """The judge of a config's data (MNIST: two epochs, about a minute on 2 cores)."""
+    def report(classifier, images, labels):
+        accuracy = (classify(classifier, images)[0].argmax(1) == labels).float().mean()
+        print(f"classifier trained: {accuracy.item():.2%} on the {len(images):,} test images")
 
     torch.manual_seed(0)
-    return cached_classifier(path, Classifier().to(device), train_it)
+    network = Classifier(config.channels, config.image_size, config.num_classes).to(device)
+    cross_entropy = lambda net, x, y: F.cross_entropy(net(x), y)
+    return cached_classifier(path, network, "the evaluation classifier", cross_entropy, 2, data,
+                             report)
 
 
 @torch.no_grad()
 def accuracy_per_tenth_of_t(classifier, scheduler, images, labels):
     """The noisy classifier's accuracy on images noised to a t in each tenth of [0, T)."""
     T, generator = scheduler.num_timesteps, torch.Generator().manual_seed(0)
-    accuracies = []
+    images, accuracies = as_x0(images), []
     for tenth in range(10):
         t = torch.randint(tenth * T // 10, (tenth + 1) * T // 10, (len(images),),
                           generator=generator).to(images.device)
@@ -1895,21 +2433,18 @@ def accuracy_per_tenth_of_t(classifier, scheduler, images, labels):
     return accuracies
 
 
-def get_noisy_classifier(path, scheduler, data_dir, device):
-    """II.9's p_φ(y | x_t, t), trained once on noise_image of MNIST and cached at `path`."""
-    def train_it(classifier):
-        print(f"training the noisy classifier of classifier guidance (cached at {path})")
-        images, labels = read_mnist(data_dir, train=True, device=device)
-        loss = lambda net, x, y: noisy_classifier_loss(net, scheduler, x, y)[0]
-        fit_classifier(classifier, loss, images, labels, epochs=3)
-        test_images, test_labels = read_mnist(data_dir, train=False, device=device)
-        accuracies = accuracy_per_tenth_of_t(classifier.eval(), scheduler, test_images[:2000],
-                                             test_labels[:2000])
+def get_noisy_classifier(path, scheduler, config, data, device):
+    """II.9's p_φ(y | x_t, t), trained once on noise_image of the config's data."""
+    def report(classifier, images, labels):
+        accuracies = accuracy_per_tenth_of_t(classifier, scheduler, images[:2000], labels[:2000])
         print("noisy classifier: accuracy per tenth of t (low noise → high noise): "
               + " ".join(f"{accuracy:.0%}" for accuracy in accuracies), flush=True)
 
     torch.manual_seed(0)
-    return cached_classifier(path, NoisyClassifier().to(device), train_it)
+    network = NoisyClassifier(config.channels, config.image_size, config.num_classes).to(device)
+    loss = lambda net, x, y: noisy_classifier_loss(net, scheduler, x, y)[0]
+    return cached_classifier(path, network, "the noisy classifier of classifier guidance", loss,
+                             3, data, report)
 
 
 def frechet_distance(features_a, features_b):
@@ -1931,80 +2466,107 @@ def draw_in_batches(model, scheduler, config, labels, count, batch_size, **sampl
     for start in range(0, count, batch_size):
         size = min(batch_size, count - start)
         chunk_labels = None if labels is None else labels[start:start + size]
-        chunks.append(generate(model, scheduler, config, chunk_labels, shape=(size, 1, 28, 28),
-                               **sampling))
+        chunks.append(generate(model, scheduler, config, chunk_labels,
+                               shape=image_shape(config, size), **sampling))
     return torch.cat(chunks)
 
 
 def faint_share(images):
     """The share of faint pixels, (x + 1)/2 ∈ [0.02, 0.25]: grey speckle and halos, which the
     Fréchet distance barely sees (real MNIST digits have about 3%)."""
-    pixels = to_pixels(images)
+    pixels = to_pixels(as_x0(images))
     return ((pixels >= 0.02) & (pixels <= 0.25)).float().mean().item()
 
 
-def judge_samples(classifier, samples, labels, test_features):
-    """One row of the evaluation table: accuracy and worst digit (conditional) or the share of
-    confident samples and each digit's share (unconditional), and the Fréchet distance."""
+def judge_samples(classifier, samples, labels, test_features, names):
+    """One row of the evaluation table: accuracy and worst class (conditional) or the share of
+    confident samples and each class's share (unconditional), and the Fréchet distance."""
     probabilities, features = classify(classifier, samples.clamp(-1, 1))
     predicted = probabilities.argmax(dim=1)
     row = {"distance": frechet_distance(features, test_features), "faint": faint_share(samples)}
     if labels is not None:
-        per_digit = torch.stack([(predicted[labels == d] == d).float().mean()
-                                 for d in range(NUM_CLASSES)])
-        worst = per_digit.argmin().item()
-        row.update(accuracy=per_digit.mean().item(), worst=f"{worst}: {per_digit[worst]:.0%}")
+        per_class = torch.stack([(predicted[labels == k] == k).float().mean()
+                                 for k in range(len(names))])
+        worst = per_class.argmin().item()
+        row.update(accuracy=per_class.mean().item(),
+                   worst=f"{names[worst]}: {per_class[worst]:.0%}")
     else:
         row["confident"] = (probabilities.max(dim=1).values >= 0.9).float().mean().item()
-        row["shares"] = (torch.bincount(predicted.cpu(), minlength=NUM_CLASSES) / len(samples))
+        row["shares"] = (torch.bincount(predicted.cpu(), minlength=len(names)) / len(samples))
     return row
 
 
-def print_row(setting, row, seconds):
-    """setting: the sampler, steps, w (and s) columns, already formatted."""
+# The evaluation table's columns: (header, width, format of the value); the setting's first
+SETTING_COLUMNS = [("sampler", 18, ""), ("evals", 5, ""), ("w", 5, "g")]
+LABELLED_COLUMNS = [("accuracy", 9, ".1%"), ("worst class", 14, ""), ("distance", 9, ".2f"),
+                    ("faint", 6, ".1%"), ("s/image", 8, ".2g")]
+UNLABELLED_COLUMNS = [("distance", 9, ".2f"), ("faint", 6, ".1%"), ("confident", 10, ".1%"),
+                      ("s/image", 8, ".2g")]
+
+
+def table_line(columns, values):
+    """One line of the table: each value (or header) right-aligned in its column's width."""
+    return " ".join(f"{value:>{width}{form}}" for (_, width, form), value in zip(columns, values))
+
+
+def table_columns(labelled, classifier_guided):
+    setting = SETTING_COLUMNS + ([("s", 4, "g")] if classifier_guided else [])
+    return setting + (LABELLED_COLUMNS if labelled else UNLABELLED_COLUMNS)
+
+
+def print_header(columns, labelled):
+    tail = "" if labelled else "  share of each predicted class"
+    print(" ".join(f"{name:>{width}}" for name, width, _ in columns) + tail)
+
+
+def print_row(columns, setting, row, seconds):
+    """setting: the values of the sampler, steps, w (and s) columns."""
     if "accuracy" in row:
-        print(f"{setting} {row['accuracy']:>9.1%} {row['worst']:>12} {row['distance']:>9.2f} "
-              f"{row['faint']:>6.1%} {seconds:>8.2g}", flush=True)
+        values = [row["accuracy"], row["worst"], row["distance"], row["faint"], seconds]
+        print(table_line(columns, [*setting, *values]), flush=True)
     else:
+        values = [row["distance"], row["faint"], row["confident"], seconds]
         shares = " ".join(f"{share:.0%}" for share in row["shares"].tolist())
-        print(f"{setting} {row['distance']:>9.2f} {row['faint']:>6.1%} {row['confident']:>10.1%} "
-              f"{seconds:>8.2g}  {shares}", flush=True)
+        print(f"{table_line(columns, [*setting, *values])}  {shares}", flush=True)
 
 
-def print_header(labelled, classifier_guided):
-    setting = f"{'sampler':>18} {'evals':>5} {'w':>5}" + (f" {'s':>4}" if classifier_guided else "")
-    if labelled:
-        print(f"{setting} {'accuracy':>9} {'worst digit':>12} {'distance':>9} {'faint':>6} "
-              f"{'s/image':>8}")
-    else:
-        print(f"{setting} {'distance':>9} {'faint':>6} {'confident':>10} {'s/image':>8}  "
-              f"share of each predicted digit 0-9")
-
-
-def real_data_reference(classifier, data_dir, count, seed, device):
+def real_data_reference(classifier, train_images, test_images, count, seed):
     """The test set's features, and the floor: as many real training images, judged alike."""
-    test_features = classify(classifier, read_mnist(data_dir, train=False, device=device)[0])[1]
-    train_images = read_mnist(data_dir, train=True, device=device)[0]
+    test_features = classify(classifier, test_images.pixels)[1]
     pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))
-    real = train_images[pick[:count]]
+    real = train_images.pixels[pick[:count].to(train_images.pixels.device)]
     floor = frechet_distance(classify(classifier, real)[1], test_features)
     print(f"{count} real training images against the test set (the floor): distance "
           f"{floor:.2f}, faint pixels {faint_share(real):.1%}")
     return test_features
 
 
-def evaluate(model, scheduler, config, classifier, data_dir, *, settings, guidance_scales,
+@torch.no_grad()
+def print_vae_floor(model, classifier, images, test_features):
+    """What latent diffusion cannot beat: real test images passed through the VAE, judged."""
+    decoded = torch.cat([model.decode(model.encode(as_x0(images[i:i + 500])))
+                         for i in range(0, len(images), 500)])
+    floor = frechet_distance(classify(classifier, decoded)[1], test_features)
+    print(f"{len(images)} real test images through the VAE (its floor): distance {floor:.2f}, "
+          f"faint pixels {faint_share(decoded):.1%}")
+
+
+def evaluate(model, scheduler, config, classifier, data, *, settings, guidance_scales,
              per_label, batch_size, seed, guidance_interval=None, guide=None,
              noisy_classifier=None, classifier_scales=None, options=None):
     """For each (sampler, steps), each w and each s of classifier guidance: draw per_label
-    samples of every digit, judge them."""
+    samples of every class, judge them against data = (train Images, test Images)."""
     device = next(model.parameters()).device
-    count = per_label * NUM_CLASSES
-    test_features = real_data_reference(classifier, data_dir, count, seed, device)
+    names = label_names(config)
+    count = per_label * len(names)
+    test_features = real_data_reference(classifier, *data, count, seed)
+    if config.latent:
+        print_vae_floor(model, classifier, data[1].pixels[:count], test_features)
     labels = None
-    if config.cond or classifier_scales:  # per_label of each digit, in order
-        labels = torch.arange(NUM_CLASSES, device=device).repeat_interleave(per_label)
-    print_header(labels is not None, classifier_scales is not None)
+    if config.cond or classifier_scales:  # per_label of each class, in order
+        labels = torch.arange(len(names), device=device).repeat_interleave(per_label)
+    columns = table_columns(labels is not None, classifier_scales is not None)
+    print_header(columns, labels is not None)
     for (sampler, steps), w, s in itertools.product(settings, guidance_scales,
                                                      classifier_scales or [0.0]):
         started = time.time()
@@ -2014,14 +2576,14 @@ def evaluate(model, scheduler, config, classifier, data_dir, *, settings, guidan
                                   classifier=noisy_classifier, classifier_scale=s,
                                   generator=torch.Generator().manual_seed(seed), **(options or {}))
         seconds = (time.time() - started) / count
-        evaluations = network_evaluations(sampler, steps)
-        setting = f"{sampler:>18} {evaluations:>5} {w:>5g}" + (f" {s:>4g}" if classifier_scales
-                                                                 else "")
-        print_row(setting, judge_samples(classifier, samples, labels, test_features), seconds)
+        setting = [sampler, network_evaluations(sampler, steps), w] + (
+            [s] if classifier_scales else [])
+        row = judge_samples(classifier, samples, labels, test_features, names)
+        print_row(columns, setting, row, seconds)
 
 
 # ---------------------------------------------------------------------------------------------
-# III.6 Pictures of the process: `show`
+# III.7 Pictures of the process: `show`
 #     What the network sees and guesses, how a sample goes from coarse to fine, where the label
 #     acts, why few steps are enough, and whether the model copies its training set. The
 #     numbers come from small functions that reuse Parts I and II; the drawing is plain PIL.
@@ -2043,7 +2605,7 @@ def noised_input(scheduler, config, x0, t, noise):
 @torch.no_grad()
 def guesses_at(model, scheduler, config, x0, labels, timesteps, noise):
     """For each t: x_t from x0 and one fixed ε, and the network's one-step guess of x0 (its
-    own label, no guidance): two [K, B, 1, 28, 28] tensors."""
+    own label, no guidance): two [K, B, C, H, W] tensors."""
     denoise = Denoiser(model, scheduler, config, labels if config.cond else None, 1.0)
     noisy = [noised_input(scheduler, config, x0, t, noise) for t in timesteps]
     guesses = [clean_guess(scheduler, config, x_t, t, denoise(x_t, t))
@@ -2054,11 +2616,12 @@ def guesses_at(model, scheduler, config, x0, labels, timesteps, noise):
 @torch.no_grad()
 def guidance_push(model, scheduler, config, x_t, t, labels, guidance_scale, guide=None):
     """Where guidance (II.8) pushes at this step: |guided − the model alone| per pixel, that
-    is (w − 1)·|ε_c − ε_∅| (or the same against the guide); 0 where w = 1. [B, 28, 28]"""
+    is (w − 1)·|ε_c − ε_∅| (or the same against the guide), averaged over the colour channels;
+    0 where w = 1. [B, H, W]"""
     interval = (config.guidance_low, config.guidance_high)
     guided = Denoiser(model, scheduler, config, labels, guidance_scale, None, interval, guide)
     alone = Denoiser(model, scheduler, config, labels, 1.0)
-    return (guided(x_t, t) - alone(x_t, t)).abs()[:, 0]
+    return (guided(x_t, t) - alone(x_t, t)).abs().mean(dim=1)
 
 
 def attention_weights(attention, x, context):
@@ -2070,26 +2633,29 @@ def attention_weights(attention, x, context):
 
 @torch.no_grad()
 def label_attention(model, x_t, t, labels):
-    """The share of each image patch's cross-attention that goes to the label's tokens (the
-    rest goes to the timestep token), averaged over heads and blocks: [B, grid, grid]."""
-    weights = []
-    hooks = [block.cross_attn.register_forward_hook(
-        lambda attention, inputs, output: weights.append(attention_weights(attention, *inputs)))
-        for block in model.blocks]
+    """The share of each image position's cross-attention that goes to the label's tokens (the
+    rest goes to the timestep token), averaged over heads and layers: [B, grid, grid], on the
+    finest grid of the layers (the DiT's patches; a UNet's S/2)."""
+    shares = []
+    layers = [module.cross_attn for module in model.modules()
+              if getattr(module, "cross_attn", None) is not None]
+    hooks = [layer.register_forward_hook(lambda attention, inputs, output: shares.append(
+        attention_weights(attention, *inputs)[..., :model.config.label_tokens].sum(-1)))
+        for layer in layers]                                        # each [B, h, N]
     try:
         model(x_t, torch.full((len(x_t),), float(t), device=x_t.device), labels)
     finally:
         for hook in hooks:
             hook.remove()
-    weights = torch.stack(weights)                                  # [depth, B, h, N, M]
-    label_share = weights[..., :model.config.label_tokens].sum(-1)  # [depth, B, h, N]
-    grid = math.isqrt(label_share.shape[-1])
-    return label_share.mean(dim=(0, 2)).reshape(-1, grid, grid)     # [B, grid, grid]
+    grid = max(math.isqrt(share.shape[-1]) for share in shares)
+    maps = [share.mean(1).reshape(len(x_t), 1, math.isqrt(share.shape[-1]), -1)
+            for share in shares]                                    # [B, 1, g, g] each
+    return torch.stack([F.interpolate(m, size=(grid, grid)) for m in maps]).mean(0)[:, 0]
 
 
 def sampler_rows(model, scheduler, config, labels, guidance_scale, guide, noise, evaluations):
     """From one noise: each sampler at each number of network evaluations, and DDPM over all
-    T as the reference (its own row of one). {name: [images [B, 1, 28, 28], ...]}"""
+    T as the reference (its own row of one). {name: [images [B, C, H, W], ...]}"""
     flow = config.objective == "flow"
     names = ["euler"] if flow else ["ddim", "dpm", *SHOW_SIGMA_SAMPLERS]
     steps = {name: evaluations for name in names}
@@ -2104,7 +2670,8 @@ def sampler_rows(model, scheduler, config, labels, guidance_scale, guide, noise,
 def nearest_neighbours(queries, references, k=3):
     """The k references nearest to each query by pixel distance ‖a − b‖ on the [0, 1] scale:
     distances [Q, k] and indices [Q, k]."""
-    distances = torch.cdist(to_pixels(queries).flatten(1), to_pixels(references).flatten(1))
+    distances = torch.cdist(to_pixels(as_x0(queries)).flatten(1),
+                            to_pixels(as_x0(references)).flatten(1))
     return distances.topk(k, dim=1, largest=False)
 
 
@@ -2117,20 +2684,20 @@ def font(size=12):
 
 
 def as_picture(images, nrow, scale=2):
-    """Images [B, 1, 28, 28] in [−1, 1] as a grid picture, every pixel scale × scale."""
+    """Images [B, C, H, W] (uint8, or in [−1, 1]) as a grid picture, every pixel scale × scale."""
     from PIL import Image
     from torchvision.utils import make_grid
-    grid = make_grid(to_pixels(images.float().cpu()), nrow=nrow, padding=2, pad_value=1)
-    picture = Image.fromarray((grid[0] * 255).round().byte().numpy(), mode="L").convert("RGB")
+    grid = make_grid(to_pixels(as_x0(images).float().cpu()), nrow=nrow, padding=2, pad_value=1)
+    picture = Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy(), mode="RGB")
     return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
 
 
-def as_heat_map(maps, nrow, top, bottom=0.0, scale=2):
-    """Maps [B, h, w], upscaled (nearest) to 28 × 28, as black → red → yellow → white for
+def as_heat_map(maps, nrow, top, bottom=0.0, size=28, scale=2):
+    """Maps [B, h, w], upscaled (nearest) to size × size, as black → red → yellow → white for
     bottom → top: one fixed scale, so that pictures side by side compare."""
     from PIL import Image
     from torchvision.utils import make_grid
-    v = F.interpolate(maps[:, None].float().cpu(), size=(28, 28))
+    v = F.interpolate(maps[:, None].float().cpu(), size=(size, size))
     v = ((v - bottom) / max(float(top) - float(bottom), 1e-12)).clamp(0, 1)
     rgb = torch.cat([(3 * v).clamp(0, 1), (3 * v - 1).clamp(0, 1), (3 * v - 2).clamp(0, 1)], 1)
     grid = make_grid(rgb, nrow=nrow, padding=2, pad_value=1)
@@ -2138,10 +2705,11 @@ def as_heat_map(maps, nrow, top, bottom=0.0, scale=2):
     return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
 
 
-def text_strip(texts, scale=2, height=16):
-    """Texts centred over the cells of an as_picture grid with len(texts) columns."""
+def text_strip(texts, size=28, scale=2, height=16):
+    """Texts centred over the cells of an as_picture grid of size-pixel images, len(texts)
+    columns."""
     from PIL import Image, ImageDraw
-    cell = 30 * scale
+    cell = (size + 2) * scale
     strip = Image.new("RGB", (cell * len(texts) + 2 * scale, height), "white")
     draw = ImageDraw.Draw(strip)
     for k, text in enumerate(texts):
@@ -2150,10 +2718,11 @@ def text_strip(texts, scale=2, height=16):
     return strip
 
 
-def sheet(title, rows, margin=110):
+def sheet(title, rows, margin=110, columns=None, size=28):
     """Pictures stacked top to bottom on white, each with its label in the left margin, under
-    a title of one or more lines."""
+    a title of one or more lines and, if given, a strip of column titles."""
     from PIL import Image, ImageDraw
+    rows = ([("", text_strip(columns, size))] if columns else []) + rows
     lines = title.split("\n")
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     width = max([margin + picture.width for _, picture in rows]
@@ -2171,11 +2740,16 @@ def sheet(title, rows, margin=110):
     return canvas
 
 
-def curve_plot(curves, columns, scale=2, height=110):
+def x_and_guess(xs, guesses, nrow):
+    """The two rows of a step: x_t and the guess of x0."""
+    return [("x_t", as_picture(xs, nrow)), ("guess of x0", as_picture(guesses, nrow))]
+
+
+def curve_plot(curves, columns, size=28, scale=2, height=110):
     """Curves of values in [0, 1] against t ∈ [0, T−1], under a text_strip of `columns` cells
     for t = 0, 100, …: [(name, values [T], colour)] → a picture."""
     from PIL import Image, ImageDraw
-    cell = 30 * scale
+    cell = (size + 2) * scale
     picture = Image.new("RGB", (cell * columns + 2 * scale, height), "white")
     draw = ImageDraw.Draw(picture)
     left, top, bottom = 2 * scale + cell / 2, 8, height - 20
@@ -2200,19 +2774,27 @@ class Scene:
     out_dir: str
     seed: int
 
+    @property
+    def size(self):
+        return self.config.image_size
+
+    def view(self, x):
+        """What x looks like: itself, or for a latent model (II.16) the picture it decodes to."""
+        return self.model.decode(x) if self.config.latent else x
+
     def sample_labels(self, count):
         return None if self.labels is None else self.labels[:1].repeat(count)
 
     def sample(self, record=None, count=4, labels=None, noise=None):
         """count samples of the scene's label (or of `labels`), the checkpoint's sampler."""
-        sampler = default_sampler(self.config)
+        sampler, steps = sampler_and_steps(self.config)
         sampler = "ddpm" if sampler == "vanilla" else sampler  # the same loop, but recordable
         if labels is None:
             labels = self.sample_labels(count)
         return generate(self.model, self.scheduler, self.config, labels,
-                        shape=(count, 1, 28, 28), sampler=sampler, guide=self.guide,
-                        steps=default_steps(sampler, self.config), noise=noise,
-                        guidance_scale=default_guidance_scale(self.config), record=record,
+                        shape=image_shape(self.config, count), sampler=sampler, guide=self.guide,
+                        steps=steps, noise=noise, record=record,
+                        guidance_scale=default_guidance_scale(self.config),
                         generator=torch.Generator().manual_seed(self.seed))
 
     def save(self, picture, name):
@@ -2240,16 +2822,15 @@ def beside(pictures, gap=20):
 
 
 def draw_what_the_network_sees(scene, images, labels):
-    """Picture 1: real digits noised to t = 0 … T−1 (one ε each), the network's one-step
+    """Picture 1: real images noised to t = 0 … T−1 (one ε each), the network's one-step
     guess of x0 under each, and the schedule's two coefficients below."""
-    noise = gaussian_like(images, torch.Generator().manual_seed(scene.seed))
-    noisy, guesses = guesses_at(scene.model, scene.scheduler, scene.config, images, labels,
+    x0 = scene.model.encode(as_x0(images)) if scene.config.latent else as_x0(images)
+    noise = gaussian_like(x0, torch.Generator().manual_seed(scene.seed))
+    noisy, guesses = guesses_at(scene.model, scene.scheduler, scene.config, x0, labels,
                                 SHOW_TIMESTEPS, noise)
     columns = len(SHOW_TIMESTEPS)
-    rows = [("", text_strip([f"t={t}" for t in SHOW_TIMESTEPS]))]
-    for b in range(len(images)):
-        rows += [("x_t", as_picture(noisy[:, b], columns)),
-                 ("guess of x0", as_picture(guesses[:, b], columns))]
+    rows = [row for b in range(len(x0)) for row in x_and_guess(
+        scene.view(noisy[:, b]), scene.view(guesses[:, b]), columns)]
     if scene.config.objective == "flow":
         s = torch.linspace(0, 1, scene.config.num_timesteps)
         curves = [("1 - s: the image's share", 1 - s, (30, 80, 200)),
@@ -2258,9 +2839,11 @@ def draw_what_the_network_sees(scene, images, labels):
         curves = [("sqrt(alpha_bar_t): the image's share", scene.scheduler.sqrt_alpha_bar,
                    (30, 80, 200)), ("sqrt(1 - alpha_bar_t): the noise's share",
                                     scene.scheduler.sqrt_one_minus_alpha_bar, (200, 40, 40))]
-    rows.append(("the schedule", curve_plot([(n, v.cpu(), c) for n, v, c in curves], columns)))
+    curves = [(name, values.cpu(), colour) for name, values, colour in curves]
+    rows.append(("the schedule", curve_plot(curves, columns, scene.size)))
     title = "What the network sees (x_t) and guesses in one step (x0, clamped to [-1, 1])"
-    return scene.save(sheet(title, rows), "1_what_it_sees.png")
+    return scene.save(sheet(title, rows, columns=[f"t={t}" for t in SHOW_TIMESTEPS],
+                            size=scene.size), "1_what_it_sees.png")
 
 
 def draw_coarse_to_fine(scene):
@@ -2269,14 +2852,13 @@ def draw_coarse_to_fine(scene):
     record = []
     scene.sample(record)
     steps = spread(record, 12)
-    rows = [("", text_strip([f"t={round(t)}" for t, _, _ in steps]))]
-    for b in range(4):
-        rows += [("x_t", as_picture(torch.stack([x[b] for _, x, _ in steps]), len(steps))),
-                 ("guess of x0", as_picture(torch.stack([g[b] for _, _, g in steps]), len(steps)))]
+    rows = [row for b in range(4) for row in x_and_guess(
+        scene.view(torch.stack([x[b] for _, x, _ in steps])),
+        scene.view(torch.stack([g[b] for _, _, g in steps])), len(steps))]
     title = f"Coarse to fine: {len(record)} network evaluations; the digit is settled early"
-    strip = scene.save(sheet(title, rows), "2_coarse_to_fine.png")
-    frames = [sheet(f"t = {round(t)}", [("x_t", as_picture(x, 4)),
-                                        ("guess of x0", as_picture(guess, 4))])
+    strip = scene.save(sheet(title, rows, columns=[f"t={round(t)}" for t, _, _ in steps],
+                             size=scene.size), "2_coarse_to_fine.png")
+    frames = [sheet(f"t = {round(t)}", x_and_guess(scene.view(x), scene.view(guess), 4))
               for t, x, guess in spread(record, 60)]
     save_gif(frames, os.path.join(scene.out_dir, "2_coarse_to_fine.gif"))
     return [strip, os.path.join(scene.out_dir, "2_coarse_to_fine.gif")]
@@ -2293,61 +2875,89 @@ def draw_where_the_label_acts(scene):
     w, labels = default_guidance_scale(scene.config), scene.sample_labels(2)
     pushes = torch.stack([guidance_push(scene.model, scene.scheduler, scene.config, x, t,
                                         labels, w, scene.guide) for t, x, _ in steps])
-    rows = [("", text_strip([f"t={round(t)}" for t, _, _ in steps]))]
+    rows = []
     for b in range(2):
-        rows += [("x_t", as_picture(torch.stack([x[b] for _, x, _ in steps]), len(steps))),
-                 ("guidance push", as_heat_map(pushes[:, b], len(steps), pushes.max()))]
+        rows += [("x_t", as_picture(scene.view(torch.stack([x[b] for _, x, _ in steps])),
+                                    len(steps))),
+                 ("guidance push", as_heat_map(pushes[:, b], len(steps), pushes.max(),
+                                               size=scene.size))]
         if scene.config.cond:
             shares = torch.stack([label_attention(scene.model, x[b:b + 1], t, labels[b:b + 1])
                                   for t, x, _ in steps])[:, 0]
             low, high = shares.min().item(), shares.max().item()
             rows.append((f"label's share\n{low:.2f} to {high:.2f}",
-                         as_heat_map(shares, len(steps), high, low)))
+                         as_heat_map(shares, len(steps), high, low, size=scene.size)))
     title = (f"Where the label acts. Guidance push: |guided - model alone| per pixel, "
              f"0 to {pushes.max():.2f}.")
     if scene.config.cond:
         title += ("\nLabel's share: how much of each patch's cross-attention goes to the label's "
                   "tokens (the rest goes to the timestep token), averaged over heads and blocks.")
-    return [scene.save(sheet(title, rows, margin=120), "3_where_the_label_acts.png")]
+    return [scene.save(sheet(title, rows, margin=120, size=scene.size,
+                             columns=[f"t={round(t)}" for t, _, _ in steps]),
+                       "3_where_the_label_acts.png")]
 
 
 def draw_few_steps(scene):
     """Picture 4: from one noise, each sampler at 1 … 50 network evaluations, and DDPM over
     all T steps as the reference."""
-    noise = gaussian_like(torch.empty(3, 1, 28, 28), torch.Generator().manual_seed(scene.seed))
+    noise = gaussian_like(torch.empty(image_shape(scene.config, 3)),
+                          torch.Generator().manual_seed(scene.seed))
     images = sampler_rows(scene.model, scene.scheduler, scene.config, scene.sample_labels(3),
                           default_guidance_scale(scene.config), scene.guide, noise,
                           SHOW_EVALUATIONS)
-    rows = [("", text_strip([f"{count} evals" for count in SHOW_EVALUATIONS]))]
+    rows = []
     for name, row in images.items():
         grid = torch.stack(row, dim=1).flatten(0, 1)                # sample-major: a row each
         label = f"ddpm, all {scene.config.num_timesteps}" if name == "ddpm" else name
         rows.append((label, as_picture(grid, len(row))))
     title = ("Why few steps are enough: from one noise per row, each sampler at more and more\n"
              "network evaluations, and DDPM over all T steps")
-    return scene.save(sheet(title, rows, margin=140), "4_few_steps.png")
+    return scene.save(sheet(title, rows, margin=140, size=scene.size,
+                            columns=[f"{count} evals" for count in SHOW_EVALUATIONS]),
+                      "4_few_steps.png")
 
 
-def draw_is_it_copying(scene, train_images, test_images):
-    """Picture 5: samples and real test digits, each followed by its three nearest training
-    images with their pixel distances: a copying model would sit at distance 0."""
-    labels = torch.arange(8, device=train_images.device) if scene.config.cond else None
+def draw_is_it_copying(scene, train_images, test_images=None):
+    """Picture 5: samples and real test images (a folder has none), each followed by its
+    three nearest training images with their pixel distances: a copy would sit at 0."""
+    labels = None
+    if scene.config.cond:
+        labels = torch.arange(8, device=train_images.device) % scene.config.num_classes
+    queries = [("samples", scene.sample(count=8, labels=labels))]
+    if test_images is not None:
+        queries.append(("real test images", test_images[:8]))
     blocks = []
-    for name, queries in (("samples", scene.sample(count=8, labels=labels)),
-                          ("real test digits", test_images[:8])):
-        distances, indices = nearest_neighbours(queries, train_images)
-        rows = [("distances", text_strip(["", "1st", "2nd", "3rd"]))]
-        rows += [(" ".join(f"{d:.1f}" for d in distances[q].tolist()),
-                  as_picture(torch.cat([queries[q:q + 1], train_images[indices[q]]]), 4))
-                 for q in range(len(queries))]
+    for name, images in queries:
+        distances, indices = nearest_neighbours(images, train_images)
+        rows = [(" ".join(f"{d:.1f}" for d in distances[q].tolist()),
+                 as_picture(torch.cat([as_x0(images[q:q + 1]),
+                                       as_x0(train_images[indices[q]])]), 4))
+                for q in range(len(images))]
         title = (f"{name} and their nearest training images\n(pixel distance; median of the "
                  f"nearest {distances[:, 0].median():.1f})")
-        blocks.append(sheet(title, rows, margin=100))
+        blocks.append(sheet(title, [("distances", text_strip(["", "1st", "2nd", "3rd"],
+                                                             scene.size))] + rows, margin=100))
     return scene.save(beside(blocks), "5_is_it_copying.png")
 
 
+@torch.no_grad()
+def draw_the_latents(scene, images):
+    """Picture 6, for a latent model (II.16): real images, each channel of their scaled latents
+    as a heat map on one scale, and what the decoder makes of them."""
+    x0 = as_x0(images[:8])
+    latents = scene.model.encode(x0)                                     # [8, L, S/f, S/f]
+    low, high = latents.min().item(), latents.max().item()
+    rows = [("real", as_picture(x0, 8))]
+    rows += [(f"latent {k}", as_heat_map(latents[:, k], 8, high, low, size=scene.size))
+             for k in range(latents.shape[1])]
+    rows.append(("decoded", as_picture(scene.model.decode(latents), 8)))
+    title = (f"Latent diffusion works on these: {tuple(latents.shape[1:])} latents of the VAE, "
+             f"k·μ(x) from {low:.1f} to {high:.1f}, and the decoder's reconstructions")
+    return [scene.save(sheet(title, rows, margin=90, size=scene.size), "6_latents.png")]
+
+
 # ---------------------------------------------------------------------------------------------
-# III.7 Command line
+# III.8 Command line
 #     train / sample / evaluate / show. Every flag is listed explicitly; every input is checked
 #     before any work starts; a mistake gets one line on stderr and a non-zero exit, never a
 #     traceback.
@@ -2359,62 +2969,38 @@ def draw_is_it_copying(scene, train_images, test_images):
 UNCONDITIONAL_DEFAULTS = {"patch_size": 7, "heads": 4, "adam_beta2": 0.99, "epochs": 14}
 
 
-def digit(text):
-    if not text.lstrip("-").isdigit() or not 0 <= int(text) < NUM_CLASSES:
-        raise argparse.ArgumentTypeError(f"must be a digit 0-9, got {text!r}")
-    return int(text)
+def checked(parse, wants, accept=lambda value: True):
+    """An argparse type: parse(text), kept if accept(value), else "must be <wants>, got …"."""
+    def convert(text):
+        try:
+            value = parse(text)
+        except (ValueError, TypeError):
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {wants}, got {text!r}")
+        return value
+    return convert
 
 
-def positive_int(text):
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
-    return int(text)
+def floats(text):
+    return [float(value) for value in text.split(",")]
 
 
-def nonnegative_int(text):
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"must be a whole number ≥ 0, got {text!r}")
-    return int(text)
+positive_int = checked(int, "a positive whole number", lambda n: n >= 1)
+nonnegative_int = checked(int, "a whole number ≥ 0", lambda n: n >= 0)
+finite_numbers = checked(floats, "a finite number or comma-separated finite numbers",
+                         lambda values: all(map(math.isfinite, values)))
+interval = checked(lambda text: tuple(floats(text)), "two numbers LO,HI with 0 ≤ LO ≤ HI ≤ 1",
+                   lambda pair: len(pair) == 2 and 0 <= pair[0] <= pair[1] <= 1)
 
 
 def number_in(low, high, low_open=False, high_open=False):
-    """An argparse type: a finite float in the interval [low, high] (either end open)."""
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        inside = math.isfinite(value) and (low < value if low_open else low <= value)
-        inside = inside and (value < high if high_open else value <= high)
-        if not inside:
-            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-            raise argparse.ArgumentTypeError(f"must be a number in {interval}, got {text!r}")
-        return value
-    return parse
-
-
-def interval(text):
-    """"LO,HI" with 0 ≤ LO ≤ HI ≤ 1: the part of t/(T−1) where guidance applies."""
-    try:
-        low, high = (float(value) for value in text.split(","))
-    except ValueError:
-        low, high = math.nan, math.nan
-    if not 0 <= low <= high <= 1:
-        raise argparse.ArgumentTypeError(f"must be two numbers LO,HI with 0 ≤ LO ≤ HI ≤ 1, "
-                                         f"got {text!r}")
-    return low, high
-
-
-def finite_numbers(text):
-    """Comma-separated finite floats: guidance scales."""
-    try:
-        values = [float(value) for value in text.split(",")]
-    except ValueError:
-        values = [math.nan]
-    if not all(math.isfinite(value) for value in values):
-        raise argparse.ArgumentTypeError(f"must be a finite number or comma-separated finite "
-                                         f"numbers, got {text!r}")
-    return values
+    """A finite float in [low, high] (either end open)."""
+    above = (lambda x: low < x) if low_open else (lambda x: low <= x)
+    below = (lambda x: x < high) if high_open else (lambda x: x <= high)
+    ends = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    return checked(float, f"a number in {ends}",
+                   lambda x: math.isfinite(x) and above(x) and below(x))
 
 
 class Parser(argparse.ArgumentParser):
@@ -2428,8 +3014,12 @@ def add_common_flags(parser):
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="where to run (default: auto)")
     parser.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--data", default=None,
+                        help=f"the pictures: {', '.join(DATASETS)}, or a folder of your own "
+                             f"(subfolders: classes) (default: mnist; for a checkpoint, its own)")
     parser.add_argument("--data-dir", default="data",
-                        help="folder with MNIST/raw; downloaded there if missing (default: data)")
+                        help="where torchvision's data sets are kept, and downloaded if missing "
+                             "(default: data)")
 
 
 def add_train_flags(parser, defaults=Config()):
@@ -2443,7 +3033,11 @@ def add_train_flags(parser, defaults=Config()):
         help=f"passes over the data (default: {defaults.epochs}; unconditional: "
              f"{UNCONDITIONAL_DEFAULTS['epochs']})")
     add("--max-steps", type=positive_int, default=None, help="stop after this many steps")
-    add("--batch-size", type=positive_int, default=defaults.batch_size, help="images per step")
+    add("--image-size", type=positive_int, default=None,
+        help="S: the shorter side resized to S, then centre-cropped to S×S (default: the data "
+             "set's own size; a folder's smallest picture, at most 64)")
+    add("--batch-size", type=positive_int, default=defaults.batch_size,
+        help="images per step (under torchrun: of all processes together)")
     add("--lr", type=number_in(0, 1, low_open=True), default=defaults.lr,
         help="peak learning rate, in (0, 1]")
     add("--label-drop", type=number_in(0, 1, high_open=True), default=defaults.label_drop,
@@ -2458,6 +3052,7 @@ def add_train_flags(parser, defaults=Config()):
         help="start a new run even though <out-dir>/ckpt.pt holds one")
     add_model_flags(parser, defaults)
     add_upgrade_flags(parser, defaults)
+    add_backbone_flags(parser, defaults)
 
 
 def add_upgrade_flags(parser, defaults=Config()):
@@ -2486,10 +3081,27 @@ def add_upgrade_flags(parser, defaults=Config()):
         help="II.11 eps: DDPM noise prediction; flow: rectified-flow velocity (default: eps)")
 
 
+def add_backbone_flags(parser, defaults=Config()):
+    """II.15's UNet and II.16's latent space, in place of I.3's DiT on pixels."""
+    add = parser.add_argument
+    add("--arch", choices=["dit", "unet"], default=None,
+        help="II.15 the network: the DiT of I.3 (with II.1's stem) or a UNet (default: dit)")
+    add("--unet-channels", type=positive_int, default=None,
+        help=f"II.15 the UNet's width c at full resolution; 2c below (default: "
+             f"{defaults.unet_channels})")
+    add("--latent", action="store_true", default=None,
+        help="II.16 latent diffusion: train a VAE first (cached in --out-dir), then the "
+             "denoiser on its latents (default patch size: the pixel default / f)")
+    add("--latent-channels", type=positive_int, default=None,
+        help=f"II.16 L, the latent's channels (default: {defaults.latent_channels})")
+    add("--latent-factor", type=int, choices=[2, 4], default=None,
+        help=f"II.16 f: the latent is S/f × S/f (default: {defaults.latent_factor})")
+
+
 def add_model_flags(parser, defaults=Config()):
     add = parser.add_argument
     add("--patch-size", type=positive_int, default=None,
-        help=f"must divide 28 (default: {defaults.patch_size}; unconditional: "
+        help=f"must divide the image size (default: {defaults.patch_size}; unconditional: "
              f"{UNCONDITIONAL_DEFAULTS['patch_size']})")
     add("--width", type=positive_int, default=defaults.width,
         help="token width D; divisible by 4 and by the head count")
@@ -2509,12 +3121,13 @@ def add_ckpt_flag(parser, purpose):
 def add_sample_flags(parser, defaults=Config()):
     add = parser.add_argument
     add_ckpt_flag(parser, "to draw from")
-    add("--label", type=digit, default=None,
-        help="digit to draw; without it a conditional model draws one row per digit")
-    add("--negative-label", type=digit, default=None,
-        help="digit to steer away from (it fills the unconditional branch)")
+    add("--label", default=None,
+        help="the class to draw, by index or name (MNIST: a digit); without it a conditional "
+             "model draws one row per class")
+    add("--negative-label", default=None,
+        help="the class to steer away from (it fills the unconditional branch)")
     add("--n", type=positive_int, default=16,
-        help="number of images (per digit without --label) (default: 16)")
+        help="number of images (per class without --label) (default: 16)")
     add("--guidance-scale", type=finite_numbers, default=None,
         help=f"w in ε_∅ + w·(ε_c − ε_∅); several, comma-separated, draw a row each "
              f"(default: the checkpoint's, {defaults.guidance_scale:g})")
@@ -2574,8 +3187,9 @@ def add_show_flags(parser):
     add = parser.add_argument
     add_ckpt_flag(parser, "to draw")
     add("--out-dir", default="pictures", help="where the pictures go (default: pictures)")
-    add("--label", type=digit, default=None,
-        help="the digit a conditional model draws in the pictures (default: 4)")
+    add("--label", default=None,
+        help="the class a conditional model draws in the pictures, by index or name "
+             "(default: 4, or the first class where there are fewer)")
 
 
 def build_parser():
@@ -2617,10 +3231,27 @@ def pick_device(name):
 
 
 def check_model_shape(config):
-    """The DiT's shape rules, said in the user's terms."""
-    if config.image_size % config.patch_size:
-        raise UserError(f"--patch-size {config.patch_size} does not divide the "
-                        f"{config.image_size}-pixel image; use 1, 2, 4, 7, 14 or 28")
+    """The networks' shape rules, said in the user's terms."""
+    if config.image_size < 8:
+        raise UserError(f"--image-size {config.image_size} is too small: 8 at least "
+                        f"(evaluate's judge halves it three times)")
+    if config.latent and config.image_size % config.latent_factor:
+        raise UserError(f"--latent-factor {config.latent_factor} must divide the image size "
+                        f"{config.image_size}")
+    what = "latent" if config.latent else "image"
+    config = network_config(config)  # the denoiser's input: the image, or the latent
+    S, p, c = config.image_size, config.patch_size, config.unet_channels
+    if config.arch == "unet" and S % 4:
+        raise UserError(f"--arch unet halves its input twice, so its size must divide by 4; "
+                        f"the {S}-pixel {what} does not (use an image size of "
+                        f"{S - S % 4} or {S + 4 - S % 4} for pixels)")
+    if config.arch == "unet" and (c % 8 or c % config.heads):
+        raise UserError(f"--unet-channels {c} must be divisible by 8 (GroupNorm's groups) and "
+                        f"by --heads {config.heads}")
+    if config.arch == "dit" and S % p:
+        divisors = ", ".join(str(k) for k in range(1, S + 1) if S % k == 0)
+        raise UserError(f"--patch-size {p} does not divide the {S}-pixel {what}; use a "
+                        f"--patch-size of {divisors}, or an --image-size divisible by {p}")
     if config.width % 4:
         raise UserError(f"--width {config.width} must be divisible by 4 (the 2-D position "
                         f"embedding gives a quarter of the channels to each sine and cosine)")
@@ -2658,28 +3289,11 @@ def image_extensions():
                   if fmt in Image.SAVE)
 
 
-def check_sampler(sampler, steps, config):
-    """Which sampler fits which checkpoint, and how many steps it may take."""
-    flow = config.objective == "flow"
-    if sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if flow and sampler != "euler":
-        raise UserError(f"this checkpoint was trained with --objective flow; it samples with "
-                        f"--sampler euler (with --sde-noise: the flow SDE), not {sampler}")
-    if sampler == "vanilla" and config.prediction != "eps":
-        raise UserError("--sampler vanilla (Part I's loop) needs a network that predicts ε; "
-                        "this one predicts v: use --sampler ddpm")
-    if steps < 1 or (not flow and steps > config.num_timesteps):
-        raise UserError(f"--steps must be between 1 and T = {config.num_timesteps}, got {steps}")
-    if sampler in ("ddpm", "vanilla") and steps != config.num_timesteps:
-        raise UserError(f"the {sampler} sampler takes all T = {config.num_timesteps} steps; use "
-                        f"--sampler ddim for fewer")
-
-
 # The three commands -------------------------------------------------------------------------
 
 UPGRADE_FLAGS = ("conv_channels", "prediction", "t_sampling", "logsnr_mean", "logsnr_std",
-                 "min_snr_gamma", "ema_decay", "objective", "schedule")
+                 "min_snr_gamma", "ema_decay", "objective", "schedule", "arch", "unet_channels",
+                 "latent", "latent_channels", "latent_factor")
 
 
 
@@ -2708,7 +3322,12 @@ def config_from_flags(args):
         return vanilla_config(defaults)
     if given.get("objective") == "flow":  # a flow model samples with Euler steps
         defaults = replace(defaults, sampler="euler", sample_steps=20)
-    return replace(defaults, **given)
+    config = replace(defaults, **given)
+    if config.latent and "patch_size" not in per_kind:  # the latent is f times smaller
+        config = replace(config, patch_size=max(1, config.patch_size // config.latent_factor))
+    if config.latent:  # a latent is not in [−1, 1]: II.5's clamp would cut it
+        config = replace(config, clip_x0=False)
+    return config
 
 
 def prepare_training(args, device, ckpt_path):
@@ -2735,50 +3354,135 @@ def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def command_train(args):
-    device = pick_device(args.device)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    config, checkpoint, seed = prepare_training(args, device, ckpt_path)
-    check_model_shape(config)
-    check_writable_folder(args.out_dir, "--out-dir")
-    images, labels = read_mnist(args.data_dir, train=True, device=device)
-    if config.batch_size > len(images):
-        raise UserError(f"--batch-size {config.batch_size} is larger than the "
-                        f"{len(images)} training images")
-    total_steps = args.max_steps or config.epochs * (len(images) // config.batch_size)
+def data_config(config, found, cond):
+    """A new run's config with the data it trains on: the set, its size, channels, classes."""
+    if cond and not found.class_names and found.data != "mnist":
+        raise UserError(f"--cond learns classes, but {found.data} has no subfolders: put the "
+                        f"pictures of each class in a subfolder of its own, or drop --cond")
+    if cond and len(found.class_names) == 1:
+        raise UserError(f"--cond needs two classes at least, but {found.data} has one class "
+                        f"folder ({found.class_names[0]}); add another, or drop --cond")
+    return replace(config, data=found.data, image_size=found.size, channels=found.channels,
+                   num_classes=found.num_classes, class_names=found.class_names)
+
+
+def distributed():
+    """(rank, number of processes): torchrun sets RANK and WORLD_SIZE; a plain run is (0, 1)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def process_device(device):
+    """Under torchrun, a CUDA process takes the GPU of its LOCAL_RANK."""
+    rank, world = distributed()
+    if world > 1 and device == "mps":
+        raise UserError("torchrun trains on CUDA GPUs (NCCL) or CPUs (gloo), not on MPS")
+    if world > 1 and device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    return device
+
+
+def start_processes(device, batch_size):
+    """Join torchrun's process group (nanoGPT's way); only rank 0 prints. A plain run never
+    touches torch.distributed."""
+    rank, world = distributed()
+    if world == 1:
+        return
+    if batch_size % world:
+        raise UserError(f"--batch-size {batch_size} is the batch of all {world} processes "
+                        f"together, so it must divide by {world}")
+    import torch.distributed as dist
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if rank:
+        sys.stdout = open(os.devnull, "w")
+
+
+def print_run_header(config, count, total_steps, device):
     kind = "conditional" if config.cond else "unconditional"
     kind = f"{kind} Part I (vanilla)" if config.vanilla else kind
-    size = count_parameters(build_network(config)) / 1e6
-    print(f"{kind} DiT, {size:.2f} M parameters, objective {config.objective}, "
-          f"{len(images)} images, {total_steps} steps of {config.batch_size} on {device}",
+    network = build_network(config)
+    kind += f" {type(network.network if config.latent else network).__name__.replace('Conv', '')}"
+    kind += " on the VAE's latents" if config.latent else ""
+    size = count_parameters(network.network if config.latent else network) / 1e6
+    world = distributed()[1]
+    where = f"{world} processes on {device.split(':')[0]}" if world > 1 else device
+    S = config.image_size
+    print(f"{kind}, {size:.2f} M parameters, objective {config.objective}, {count} images "
+          f"of {config.channels}×{S}×{S}, {total_steps} steps of {config.batch_size} on {where}",
           flush=True)
+
+
+def finish_processes():
+    """Under torchrun: wait until rank 0 has saved, then leave the process group."""
+    if distributed()[1] > 1:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def command_train(args):
+    device = process_device(pick_device(args.device))
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    config, checkpoint, seed = prepare_training(args, device, ckpt_path)
+    if checkpoint is None:  # a new run: the data decides the image's shape and the classes
+        found = find_data(args.data or "mnist", args.data_dir, True, args.image_size)
+        config = data_config(config, found, args.cond)
+    else:
+        found = checked_data(config, args.data, args.data_dir, True)
+    check_model_shape(config)
+    check_writable_folder(args.out_dir, "--out-dir")
+    if config.batch_size > found.count:
+        raise UserError(f"--batch-size {config.batch_size} is larger than the "
+                        f"{found.count} training images")
+    start_processes(device, config.batch_size)
+    images, vae = found.decode(), None
+    if config.latent and checkpoint is None:  # stage one: the VAE, and its latents' scale
+        vae, scale = trained_vae(config, images.pixels.to(device), args.out_dir)
+        config = replace(config, latent_scale=scale)
+    total_steps = args.max_steps or config.epochs * (len(images) // config.batch_size)
+    print_run_header(config, len(images), total_steps, device)
+    rank, world = distributed()
     started = time.time()
-    run = train(config, images, labels, out_dir=args.out_dir, total_steps=total_steps,
-                seed=seed, checkpoint=checkpoint)
+    run = train(config, images.pixels.to(device), images.labels.to(device),
+                out_dir=args.out_dir, total_steps=total_steps, seed=seed, checkpoint=checkpoint,
+                rank=rank, world=world, vae=vae)
+    finish_processes()
     if run.step < total_steps:
         print(f"\ninterrupted at step {run.step}; saved {ckpt_path} (continue with --resume)")
         raise SystemExit(130)
-    hint = " --label 4" if config.cond else ""
+    hint = f" --label {label_names(config)[0]}" if config.cond else ""
+    hint = " --label 4" if config.cond and config.data == "mnist" else hint
     print(f"done in {format_seconds(time.time() - started)}; sample with "
           f"`python vanilla_diffusion.py sample --ckpt {ckpt_path}{hint}`", flush=True)
 
 
+def label_index(text, config, flag="--label"):
+    """A class given by its index or its name."""
+    names = label_names(config)
+    if text in names:
+        return names.index(text)
+    if text.isdigit() and int(text) < len(names):
+        return int(text)
+    listed = ", ".join(names[:20]) + (", …" if len(names) > 20 else "")
+    raise UserError(f"{flag} {text!r} is not one of the model's classes: {listed}")
+
+
 def sample_labels(args, config, device):
     """The labels to draw and the grid's row length."""
-    if not (config.cond or args.classifier_scale):  # nothing can be told which digit to draw
+    if not (config.cond or args.classifier_scale):  # nothing can be told which class to draw
         return None, math.ceil(math.sqrt(args.n))
-    if args.label is None:  # a label-guided model with no --label: one row per digit
-        return torch.arange(NUM_CLASSES, device=device).repeat_interleave(args.n), args.n
+    if args.label is None:  # a label-guided model with no --label: one row per class
+        return torch.arange(config.num_classes, device=device).repeat_interleave(args.n), args.n
     return torch.full((args.n,), args.label, device=device), math.ceil(math.sqrt(args.n))
 
 
-def check_classifier_guidance(args, config, sampler):
-    if args.label is not None and not (config.cond or args.classifier_scale):
-        raise UserError(f"{args.ckpt} is an unconditional model; drop --label, or steer it "
-                        f"with --classifier-scale (classifier guidance)")
-    if args.classifier_scale and config.objective == "flow":
-        raise UserError("--classifier-scale needs a DDPM checkpoint: its classifier reads "
-                        "noise_image's x_t, not a flow model's x_s")
+def check_classifier_guidance(flag, config, samplers):
+    """II.9 steers a DDPM checkpoint's Part II samplers: its classifier reads noise_image's x_t
+    (not a flow model's x_s), and Part I's loop takes no guide but CFG."""
+    if config.objective == "flow" or config.latent or "vanilla" in samplers:
+        raise UserError(f"{flag} needs a DDPM checkpoint in pixels and a Part II sampler (its "
+                        f"classifier reads noise_image's x_t of pixels, not a flow model's x_s "
+                        f"nor a latent; vanilla takes none)")
 
 
 NOISY_SAMPLERS = ("ddim", "euler-a", "euler-a-karras", "dpm++2m-sde", "dpm++2m-sde-karras")
@@ -2806,19 +3510,25 @@ def sampling_options(args):
     return {name: value for name, value in options.items() if value is not None}
 
 
-def check_sample_flags(args, config, sampler, steps):
-    check_classifier_guidance(args, config, sampler)
+def check_sample_flags(args, config, sampler):
+    """Every sample flag against the checkpoint; --label and --negative-label become indices."""
+    named = ((args.label, "--label"), (args.negative_label, "--negative-label"))
+    args.label, args.negative_label = (None if text is None else label_index(text, config, flag)
+                                       for text, flag in named)
+    if args.label is not None and not (config.cond or args.classifier_scale):
+        raise UserError(f"{args.ckpt} is an unconditional model; drop --label, or steer it "
+                        f"with --classifier-scale (classifier guidance)")
+    if args.classifier_scale:
+        check_classifier_guidance("--classifier-scale", config, [sampler])
     if args.negative_label is not None and (not config.cond or args.label is None):
         raise UserError("--negative-label needs a conditional checkpoint and a --label")
     several = args.guidance_scale and len(args.guidance_scale) > 1
     if several and (config.cond or args.classifier_scale) and args.label is None:
         raise UserError("several --guidance-scale values draw one row per scale; "
                         "give a --label too")
-    check_sampler(sampler, steps, config)
     check_sampler_options(args, config, [sampler])
     part_two = {"--negative-label": args.negative_label is not None, "--gif": args.gif,
-                "--init-image": args.init_image, "--guidance-interval": args.guidance_interval,
-                "--classifier-scale": args.classifier_scale}
+                "--init-image": args.init_image, "--guidance-interval": args.guidance_interval}
     for flag, given in part_two.items():
         if sampler == "vanilla" and given:
             raise UserError(f"{flag} is a Part II feature; Part I's loop (--sampler vanilla) "
@@ -2828,38 +3538,71 @@ def check_sample_flags(args, config, sampler, steps):
         check_picture_path(args.gif, "--gif", [".gif"])
 
 
-def noisy_classifier_for(ckpt, scale, scheduler, data_dir, device):
+def train_and_test_images(args, config, device):
+    """A function that loads the checkpoint's data (or --data) as (train, test) Images."""
+    return lambda: tuple(load_images(config, args.data, args.data_dir, train, device)
+                         for train in (True, False))
+
+
+def noisy_classifier_for(args, scale, scheduler, config, device):
     """The noisy classifier cached beside the checkpoint, if classifier guidance is asked for."""
     if not scale:
         return None
-    path = os.path.join(cache_folder(ckpt), "noisy_classifier.pt")
-    return get_noisy_classifier(path, scheduler, data_dir, device)
+    path = os.path.join(cache_folder(args.ckpt), "noisy_classifier.pt")
+    data = train_and_test_images(args, config, device)
+    return get_noisy_classifier(path, scheduler, config, data, device)
+
+
+def save_animation(frames, path, nrow, max_frames=60):
+    """The denoising as a GIF: one grid per step (at most max_frames), the last held a second."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+    count = min(max_frames, len(frames))
+    keep = torch.linspace(0, len(frames) - 1, count).round().long().unique().tolist()
+    pictures = []
+    for i in keep:
+        grid = make_grid(to_pixels(frames[i].float().cpu()), nrow=nrow)  # [3, H, W] in [0, 1]
+        pixels = (grid.permute(1, 2, 0) * 255).round().byte().numpy()
+        pictures.append(Image.fromarray(pixels, mode="RGB"))
+    save_gif(pictures, path)
+
+
+def load_init_image(path, config):
+    """A picture for image-to-image in the model's channels and size (shorter side resized,
+    centre-cropped, as the data is), as [1, C, S, S] in [−1, 1]."""
+    if not os.path.isfile(path):
+        raise UserError(f"no init image at {path}")
+    try:
+        from PIL import Image
+        with Image.open(path) as picture:
+            pixels = picture_to_pixels(picture, config.channels, config.image_size)
+    except Exception as error:
+        raise UserError(f"could not read {path} as an image ({first_line(error)})") from None
+    return as_x0(pixels[None])
 
 
 def command_sample(args):
     device = pick_device(args.device)
-    model, scheduler, config, state = load_model(args.ckpt, device)
-    sampler = args.sampler or default_sampler(config)
-    steps = args.steps or default_steps(sampler, config)
-    check_sample_flags(args, config, sampler, steps)
+    model, scheduler, config, guide, _ = load_model(args.ckpt, device)
+    sampler, steps = sampler_and_steps(config, args.sampler, args.steps)
+    check_sample_flags(args, config, sampler)
     labels, nrow = sample_labels(args, config, device)
     count = args.n if labels is None else len(labels)
     negative = None if args.negative_label is None else torch.full_like(labels, args.negative_label)
     init, strength = None, 1.0  # strength 1: start from pure noise
     if args.init_image:
-        init = load_init_image(args.init_image, config.image_size).to(device)
+        init = load_init_image(args.init_image, config).to(device)
         init, strength = init.expand(count, -1, -1, -1), args.strength
     sampling = dict(sampler=sampler, steps=steps, negative_labels=negative, init_images=init,
-                    strength=strength, guidance_interval=args.guidance_interval,
-                    guide=None if config.cond else load_guide(state, config, device),
+                    strength=strength, guidance_interval=args.guidance_interval, guide=guide,
                     **sampling_options(args), classifier_scale=args.classifier_scale,
-                    classifier=noisy_classifier_for(args.ckpt, args.classifier_scale, scheduler,
-                                                    args.data_dir, device))
+                    classifier=noisy_classifier_for(args, args.classifier_scale, scheduler,
+                                                    config, device))
     scales = args.guidance_scale or [default_guidance_scale(config)]
     rows, frames = [], []
     for guidance_scale in scales:  # one seed for every scale: each column starts from one noise
         frames.append([] if args.gif else None)
-        rows.append(generate(model, scheduler, config, labels, shape=(count, 1, 28, 28),
+        rows.append(generate(model, scheduler, config, labels, shape=image_shape(config, count),
                              guidance_scale=guidance_scale, frames=frames[-1],
                              generator=torch.Generator().manual_seed(args.seed), **sampling))
     nrow = nrow if len(scales) == 1 else args.n
@@ -2873,41 +3616,44 @@ def command_sample(args):
 
 
 def parse_sampler_settings(text, config):
-    """"ddim:20,ddpm" → [("ddim", 20), ("ddpm", T)], each checked against the checkpoint."""
+    """"ddim:20,ddpm" → [("ddim", 20), ("ddpm", T)], each checked against the checkpoint;
+    none: the checkpoint's."""
     settings = []
-    for item in filter(None, text.split(",")):
+    for item in filter(None, (text or "").split(",")):
         name, _, steps = item.partition(":")
         if steps and not steps.isdigit():
             raise UserError(f"--samplers takes sampler:steps items such as ddim:20,ddpm; "
                             f"got {item!r}")
-        steps = int(steps) if steps else default_steps(name, config)
-        check_sampler(name, steps, config)
-        settings.append((name, steps))
-    return settings
+        settings.append(sampler_and_steps(config, name, int(steps) if steps else None))
+    return settings or [sampler_and_steps(config)]
 
 
 def command_evaluate(args):
     device = pick_device(args.device)
-    model, scheduler, config, state = load_model(args.ckpt, device)
-    default = f"{default_sampler(config)}:{config.sample_steps}"
-    settings = parse_sampler_settings(args.samplers or default, config)
+    model, scheduler, config, guide, state = load_model(args.ckpt, device)
+    settings = parse_sampler_settings(args.samplers, config)
     check_sampler_options(args, config, [name for name, _ in settings])
-    part_one_loop = any(name == "vanilla" for name, _ in settings)
-    if args.classifier_scales and (config.objective == "flow" or part_one_loop):
-        raise UserError("--classifier-scales needs a DDPM checkpoint and a Part II sampler")
-    classifier = get_classifier(os.path.join(cache_folder(args.ckpt), "mnist_classifier.pt"),
-                                args.data_dir, device)
-    noisy_classifier = noisy_classifier_for(args.ckpt, any(args.classifier_scales or []),
-                                            scheduler, args.data_dir, device)
+    if args.classifier_scales:
+        check_classifier_guidance("--classifier-scales", config, [name for name, _ in settings])
+    data = args.data or config.data
+    if config.num_classes < 2:
+        raise UserError(f"evaluate judges samples with a classifier of the data's classes, but "
+                        f"{data} has none (no subfolders)")
+    images = train_and_test_images(args, config, device)
+    judge = "mnist" if data == "mnist" and config.image_size == 28 else (
+        f"{os.path.basename(os.path.abspath(data))}_{config.image_size}")
+    classifier = get_classifier(os.path.join(cache_folder(args.ckpt), f"{judge}_classifier.pt"),
+                                config, images, device)
+    noisy_classifier = noisy_classifier_for(args, any(args.classifier_scales or []), scheduler,
+                                            config, device)
     guidance_interval = args.guidance_interval or (config.guidance_low, config.guidance_high)
-    guide = None if config.cond else load_guide(state, config, device)
     scales = args.guidance_scales or [0.0, 1.0, 2.0, 3.0, 5.0]
     if not config.cond:  # w = 1: the model alone; then autoguidance, if there is a guide
         scales = args.guidance_scales or [1.0] + ([config.autoguidance_scale] if guide else [])
     print(f"checkpoint {args.ckpt}: step {state['step']}, objective {config.objective}; "
-          f"{args.per_label * NUM_CLASSES} samples per setting; guidance where t/(T−1) ∈ "
+          f"{args.per_label * config.num_classes} samples per setting; guidance where t/(T−1) ∈ "
           f"[{guidance_interval[0]:g}, {guidance_interval[1]:g}]")
-    evaluate(model, scheduler, config, classifier, args.data_dir, settings=settings,
+    evaluate(model, scheduler, config, classifier, images(), settings=settings,
              guidance_scales=scales, per_label=args.per_label, batch_size=args.batch_size,
              seed=args.seed, guidance_interval=guidance_interval, guide=guide,
              noisy_classifier=noisy_classifier, classifier_scales=args.classifier_scales,
@@ -2916,20 +3662,24 @@ def command_evaluate(args):
 
 def command_show(args):
     device = pick_device(args.device)
-    model, scheduler, config, state = load_model(args.ckpt, device)
+    model, scheduler, config, guide, _ = load_model(args.ckpt, device)
     if args.label is not None and not config.cond:
         raise UserError(f"{args.ckpt} is an unconditional model; its pictures take no --label")
+    label = 4 if config.num_classes > 4 else 0
+    label = label if args.label is None else label_index(args.label, config)
     check_writable_folder(args.out_dir, "--out-dir")
-    train_images = read_mnist(args.data_dir, train=True, device=device)[0]
-    test_images, test_labels = read_mnist(args.data_dir, train=False, device=device)
+    train_images, test_images = train_and_test_images(args, config, device)()
     started = time.time()
-    label = 4 if args.label is None else args.label
     labels = torch.full((4,), label, device=device) if config.cond else None
-    guide = None if config.cond else load_guide(state, config, device)
     scene = Scene(model, scheduler, config, guide, labels, args.out_dir, args.seed)
-    written = [draw_what_the_network_sees(scene, test_images[:4], test_labels[:4]),
+    a_folder = (args.data or config.data) not in DATASETS  # a folder has no test split
+    real = train_images if a_folder else test_images
+    written = [draw_what_the_network_sees(scene, real.pixels[:4], real.labels[:4]),
                *draw_coarse_to_fine(scene), *draw_where_the_label_acts(scene),
-               draw_few_steps(scene), draw_is_it_copying(scene, train_images, test_images)]
+               draw_few_steps(scene),
+               draw_is_it_copying(scene, train_images.pixels, None if a_folder else
+                                  test_images.pixels),
+               *(draw_the_latents(scene, real.pixels) if config.latent else [])]
     print(f"wrote {len(written)} pictures in {format_seconds(time.time() - started)}: "
           + ", ".join(written))
 
@@ -2943,7 +3693,8 @@ def main(argv=None):
     try:
         commands[args.command](args)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if distributed()[0] == 0:  # under torchrun every rank finds it; one says it
+            print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1)
     except (torch.OutOfMemoryError, MemoryError):
         print("error: out of memory; try a smaller --batch-size (or --n)", file=sys.stderr)
