@@ -1626,8 +1626,9 @@ def expect_one_line_error(args, message, capsys, code=None):
     (["--ckpt", "/nonexistent/ckpt.pt"], "no checkpoint at /nonexistent/ckpt.pt"),
     (["--steps", "5000"], "--steps must be between 1 and T = 1000"),
     (["--sde-noise", "0.5"], "--sde-noise needs a checkpoint trained with --objective flow"),
-    (["--sigma-min", "0.1"], "--sigma-min needs a *-karras sampler (got dpm)"),
-    (["--variance", "posterior"], "--variance needs --sampler ddpm (got dpm)"),
+    (["--sigma-min", "0.1", "--sampler", "dpm"],
+     "--sigma-min needs a *-karras sampler (got dpm)"),
+    (["--variance", "posterior"], "--variance needs --sampler ddpm (got dpm++2m-karras)"),
     (["--sampler", "ddpm", "--steps", "10"], "all T = 1000 steps"),
     (["--init-image", "/nonexistent.png", "--label", "3"], "no init image"),
     (["--guidance-scale", "nan"], "finite number"),
@@ -2230,4 +2231,75 @@ def test_a_latent_run_samples_pictures_resumes_exactly_evaluates_and_shows(tiny_
                                str(tmp_path / "bad"), *args], message, capsys)
     expect_one_line_error(["sample", "--ckpt", whole, "--classifier-scale", "1"],
                           "needs a DDPM checkpoint in pixels", capsys, code=1)
+    assert not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# II.17's reflow
+# ---------------------------------------------------------------------------------------------
+
+def test_with_the_exact_velocity_one_euler_step_lands_on_the_coupled_image_on_a_straight_path():
+    x_star = torch.randn(1, 1, 4, 4)                        # a data set of one image
+    exact = lambda x, t: (x - x_star) / (t / (T - 1))        # v = (x_s − x*)/s: lines to x*
+    z = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    x, straightness = vd.coupled_pairs(exact, z, 1, T)
+    close(x, x_star.expand(3, -1, -1, -1), 1e-5)
+    close(straightness, torch.zeros(3), 1e-10)
+    curved = lambda x, t: x                                  # dx/ds = x: exponential paths
+    assert (vd.coupled_pairs(curved, z, 8, T)[1] > 1e-3).all()
+    config = vd.Config(objective="flow")
+    model = lambda x_s, t, labels=None: exact(x_s, t.reshape(-1, 1, 1, 1))  # z − x on the line
+    loss, _ = vd.flow_matching_loss(model, x_star.expand(3, -1, -1, -1), None, config,
+                                    torch.Generator().manual_seed(1), noise=z)
+    close(loss, torch.zeros(3), 1e-8)
+
+
+def test_the_pairs_are_the_same_for_a_seed_and_an_interrupted_draw_continues(tiny_mnist,
+                                                                             tmp_path,
+                                                                             monkeypatch):
+    flow = train_tiny(tiny_mnist, tmp_path / "flow", "--cond", "--objective", "flow", steps=1)
+    teacher = vd.load_model(flow, "cpu")
+    whole = vd.drawn_pairs(teacher, 40, str(tmp_path / "a"), seed=3, chunk=16)
+    real, calls = vd.coupled_pairs, []
+
+    def interrupted_on_the_second_chunk(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(vd, "coupled_pairs", interrupted_on_the_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        vd.drawn_pairs(teacher, 40, str(tmp_path / "b"), seed=3, chunk=16)
+    assert torch.load(tmp_path / "b" / "pairs.pt", weights_only=True)["done"] == 16
+    monkeypatch.setattr(vd, "coupled_pairs", real)
+    again = vd.drawn_pairs(teacher, 40, str(tmp_path / "b"), seed=3, chunk=16)
+    assert torch.equal(whole.noise, again.noise) and torch.equal(whole.pixels, again.pixels)
+    assert whole.labels.tolist() == [k % 10 for k in range(40)]
+
+
+def test_a_reflow_run_trains_from_its_teacher_and_samples_in_one_step(tiny_mnist, tmp_path,
+                                                                       capsys):
+    flow = train_tiny(tiny_mnist, tmp_path / "flow", "--cond", "--objective", "flow", steps=1)
+    reflow = ["train", "--reflow-from", flow, "--pairs", "32", "--device", "cpu"]
+    vd.main([*reflow, "--max-steps", "2", "--out-dir", str(tmp_path / "cut")])
+    state, config = vd.load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"))
+    assert config.pairs == 32 and config.reflow_from == flow and config.objective == "flow"
+    vd.main(["train", "--resume", "--max-steps", "3", "--out-dir", str(tmp_path / "cut")])
+    vd.main([*reflow, "--max-steps", "3", "--out-dir", str(tmp_path / "whole")])
+    assert_same_state(torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True),
+                      torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=True))
+    vd.main(["sample", "--ckpt", str(tmp_path / "whole" / "ckpt.pt"), "--steps", "1",
+             "--label", "2", "--n", "4", "--output", str(tmp_path / "two.png")])
+    assert png_size(tmp_path / "two.png") == (62, 62)
+    capsys.readouterr()
+    vd.main(["evaluate", "--ckpt", str(tmp_path / "whole" / "ckpt.pt"), "--data-dir", tiny_mnist,
+             "--per-label", "2", "--samplers", "euler:1", "--guidance-scales", "1"])
+    assert "straightness of 200 paths" in capsys.readouterr().out
+    ddpm = train_tiny(tiny_mnist, tmp_path / "ddpm", "--cond", steps=1)
+    for args, message in [(["--reflow-from", ddpm], "trained for DDPM"),
+                          (["--reflow-from", flow, "--pairs", "0"], "--pairs: must be a positive"),
+                          (["--reflow-from", str(tmp_path / "none.pt")], "no checkpoint at")]:
+        expect_one_line_error(["train", "--out-dir", str(tmp_path / "bad"), *args], message,
+                              capsys)
     assert not (tmp_path / "bad").exists()

@@ -1,4 +1,5 @@
-"""VanillaDiffusion: diffusion on MNIST in one file, a lecture in three parts that runs.
+"""VanillaDiffusion: diffusion in one file, on MNIST or your own pictures; a lecture in three
+parts that runs.
 
 Start here: two trained models ship in assets/models/, so the first command draws at once.
     python vanilla_diffusion.py sample --label 4      # sixteen 4s into samples.png, in seconds
@@ -26,8 +27,11 @@ docs/).
     II.6 DDIM                   II.7 DPM-Solver++          II.8 guidance, and the Denoiser
     II.9 classifier guidance    II.10 image-to-image       II.11 rectified flow
     II.12 the flow SDE          II.13 the σ view: Euler, Euler a, Heun, DPM++ 2M (SDE), Karras
-    II.14 the cosine schedule
-Part III — the tool, after the lecture: the run, checkpoints, evaluation, show, the command line.
+    II.14 the cosine schedule   II.15 a UNet               II.16 latent diffusion (a VAE)
+    II.17 reflow: a flow of one step
+Part III — the tool, after the lecture: your data (a folder, torchvision's sets), sampling by
+name, checkpoints and the shipped models, the run (and torchrun), evaluation, show, the command
+line.
 
 Symbols used in the comments (paper → code):
     T                  → config.num_timesteps        t ∈ {0, …, T−1}, 0-based, indexes the tables
@@ -462,7 +466,7 @@ class Config(Config):
     min_snr_gamma: float = 0.0      #   min-SNR-γ loss weight; 0: off (it starves high noise)
     ema_decay: float = 0.999        # II.4 sampling weights: θ_ema ← d·θ_ema + (1 − d)·θ
     clip_x0: bool = True            # II.5 clamp the predicted x0 to [−1, 1] at each step
-    sampler: str = "dpm"            # II.6–7, II.13 the sampler `sample` uses by default
+    sampler: str = "dpm++2m-karras"  # II.6–7, II.13 the sampler `sample` uses by default
     sample_steps: int = 15          #   its network evaluations
     guidance_low: float = 0.1       # II.8 guide only where t/(T−1) ∈ [low, high]; else w = 1
     guidance_high: float = 0.7
@@ -944,14 +948,15 @@ def flow_interpolate(x0, s, noise):
     return (1 - s) * x0 + s * noise
 
 
-def flow_matching_loss(model, x0, labels, config, generator=None):
+def flow_matching_loss(model, x0, labels, config, generator=None, noise=None):
     """s ~ sigmoid(N(0, 1)), x_s = (1−s)·x0 + s·ε, loss ‖v_θ − (ε − x0)‖²: each image's [B],
-    and s [B]."""
+    and s [B]. ε is a fresh draw, or the given noise (II.17's coupled pairs)."""
     B, device = x0.shape[0], x0.device
     if labels is not None:
         labels = drop_labels(labels, config.label_drop, generator)
     s = torch.sigmoid(torch.randn(B, device=device, generator=generator))
-    noise = torch.randn(x0.shape, device=device, generator=generator)
+    if noise is None:
+        noise = torch.randn(x0.shape, device=device, generator=generator)
     pred_velocity = model(flow_interpolate(x0, s, noise), s * (config.num_timesteps - 1), labels)
     return (pred_velocity - (noise - x0)).pow(2).mean(dim=(1, 2, 3)), s
 
@@ -1378,6 +1383,36 @@ class LatentDiffusion(nn.Module):
         return self.vae.decode(z / self.scale).clamp(-1, 1)             # x = decoder(z/k)
 
 
+# ---------------------------------------------------------------------------------------------
+# II.17 Reflow (Liu et al. 2022, "Flow Straight and Fast", §2.3): a flow of few steps
+#   Replaces: II.11's independent pairs (x0, ε) by coupled ones (`train --reflow-from`).
+#   Needs: II.11, and a denoise(x, t) → v_θ such as II.8's Denoiser.
+#   Idea: II.11 joins every image to every noise, so straight lines cross; where they cross, the
+#   one velocity the network can learn at a point is the average of the lines through it, and
+#   the paths it integrates bend, which is why one Euler step from noise lands on a blurred
+#   average. Run the trained flow from noise z to its image x = ODE(z): these couplings come from
+#   an ODE, whose paths never cross, so a new flow trained on the lines from z to x (the same
+#   loss, the noise now given) has nothing to average, and its paths are nearly straight: one
+#   or two Euler steps suffice (InstaFlow, Liu et al. 2024, did this to Stable Diffusion). The
+#   straightness S = E_s‖(z − x) − v(x_s, s)‖² along the path (their eq. 4) is 0 for straight
+#   paths. Buys: README, "One step: reflow".
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def coupled_pairs(denoise, noise, steps, num_timesteps):
+    """The flow's image x = ODE(z) of each noise z by Euler steps from s = 1 to 0, and the
+    straightness of its path: mean over the steps of ‖(z − x) − v_θ(x_s, s)‖² [B]."""
+    velocities = []
+    record = lambda x, t: velocities.append(denoise(x, t)) or velocities[-1]
+    s_grid = torch.linspace(1, 0, steps + 1).tolist()
+    x = noise
+    for x in euler_sampler(record, noise, s_grid, num_timesteps):
+        pass                                                            # x = x_0, the image
+    chord = noise - x                                                   # z − x: the straight line
+    gaps = torch.stack([(chord - v).pow(2).mean(dim=(1, 2, 3)) for v in velocities])
+    return x, gaps.mean(0)                                              # [B, C, H, W], [B]
+
+
 # =============================================================================================
 # Part III — the tool. The lecture has ended: what follows is the program around it (the
 #   training run, checkpoints, sampling by name, evaluation, the command line). It teaches no
@@ -1454,6 +1489,8 @@ class Config(Config):
     I.1's): a torchvision set's name, or a folder's absolute path, and the classes' names."""
     data: str = "mnist"
     class_names: tuple = ()         # () for MNIST: the digits name themselves
+    reflow_from: str = ""           # II.17: the flow checkpoint whose coupled pairs it learns
+    pairs: int = 0                  #   how many (0: not a reflow)
 
 
 # torchvision's data sets by the name --data takes, with the folder each keeps under --data-dir
@@ -1463,12 +1500,23 @@ DATASETS = {"mnist": ("MNIST", "MNIST/raw"), "fashion-mnist": ("FashionMNIST", "
 
 @dataclass
 class Images:
-    pixels: torch.Tensor            # [N, C, S, S] uint8
+    pixels: torch.Tensor            # [N, C, S, S] uint8 (II.17's pairs: their float images)
     labels: torch.Tensor            # [N] class indices (all 0 for a folder without classes)
     class_names: tuple              # () for MNIST, none for a folder without subfolders
+    noise: torch.Tensor = None      # II.17: the noise each image was drawn from
 
     def __len__(self):
         return len(self.pixels)
+
+    def take(self, batch):
+        """The pixels, labels and noise (or None) of the images at the indices `batch`."""
+        return (self.pixels[batch], self.labels[batch],
+                None if self.noise is None else self.noise[batch])
+
+    def to(self, device):
+        moved = [None if x is None else x.to(device) for x in (self.pixels, self.labels,
+                                                                self.noise)]
+        return Images(moved[0], moved[1], self.class_names, moved[2])
 
 
 def as_x0(images):
@@ -1642,8 +1690,7 @@ def checked_data(config, data=None, data_dir="data", train=True):
 
 def load_images(config, data=None, data_dir="data", train=True, device="cpu"):
     """checked_data's images, decoded onto `device`."""
-    images = checked_data(config, data, data_dir, train).decode()
-    return Images(images.pixels.to(device), images.labels.to(device), images.class_names)
+    return checked_data(config, data, data_dir, train).decode().to(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1684,7 +1731,7 @@ SAMPLERS = {"vanilla": "Part I's DDPM loop, all T steps", "ddpm": "DDPM, all T s
 @dataclass
 class Sampling:
     """Every setting of a draw, in one place: the command line fills it, generate() reads it."""
-    sampler: str = "dpm"            # a name of SAMPLERS
+    sampler: str = "dpm++2m-karras"  # a name of SAMPLERS
     steps: int = 15                 # network evaluations (Heun: at most this many)
     guidance_scale: float = 1.5     # CFG's w (autoguidance's, for an unconditional model)
     guidance_interval: tuple = None  # (low, high) of t/(T−1); None: the checkpoint's
@@ -2048,15 +2095,16 @@ def load_model(path, device):
 #     stop at once if the loss diverges.
 # ---------------------------------------------------------------------------------------------
 
-def training_loss(model, scheduler, x0, labels, config, generator=None):
+def training_loss(model, scheduler, x0, labels, config, generator=None, noise=None):
     """The loss the config asks for: per image [B], and each image's noise level in [0, 1) [B].
-    --vanilla: I.5's ddpm_loss; otherwise II.3's denoising_loss, or II.11's flow loss."""
+    --vanilla: I.5's ddpm_loss; otherwise II.3's denoising_loss, or II.11's flow loss (on
+    II.17's coupled noise, if given)."""
     labels = labels if config.cond else None  # the unconditional model never sees a label
     if config.vanilla:
         per_image, t = ddpm_loss(model, scheduler, x0, labels, config.label_drop, generator)
         return per_image, t.float() / config.num_timesteps
     if config.objective == "flow":
-        return flow_matching_loss(model, x0, labels, config, generator)
+        return flow_matching_loss(model, x0, labels, config, generator, noise)
     return denoising_loss(model, scheduler, x0, labels, config, generator)
 
 
@@ -2085,13 +2133,14 @@ class Run:
     guide: nn.Module = None    # unconditional: a frozen early copy of the EMA (II.8)
 
 
-def start_run(config, device, seed, checkpoint=None, path="", vae=None):
-    """A new run from `seed` (of a latent model: with the trained VAE's weights), or the run
-    stored in `checkpoint` restored exactly; and the noise scheduler it trains with."""
+def start_run(config, device, seed, checkpoint=None, path="", initial=None):
+    """A new run from `seed`, with the `initial` weights it names if given (a latent model's
+    VAE, a reflow's teacher), or the run stored in `checkpoint` restored exactly; and the noise
+    scheduler it trains with."""
     torch.manual_seed(seed)
     model, scheduler = build_model(config, device)
-    if vae is not None:
-        model.vae.load_state_dict(vae)
+    if initial is not None and model.load_state_dict(initial, strict=False).unexpected_keys:
+        raise UserError("the initial weights do not fit the model")
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
                                   betas=(0.9, config.adam_beta2), weight_decay=0.0)
@@ -2297,15 +2346,17 @@ def agree(loss, stop, world, device):
     return agreed[0].item(), agreed[1].item() > 0
 
 
-def optimizer_step(run, network, share, scheduler, config, pixels, labels, lr, ckpt_path):
-    """I.5's train_step on this process's share of the batch, stopped before a bad update:
-    each image's loss [B] and noise level [B], and the share's mean loss."""
+def optimizer_step(run, network, share, scheduler, config, batch, lr, ckpt_path):
+    """I.5's train_step on this process's share of the batch (pixels, labels, and II.17's
+    coupled noise or None), stopped before a bad update: each image's loss [B] and noise
+    level [B], and the share's mean loss."""
+    pixels, labels, noise = batch
     x0 = as_x0(pixels)
     if config.latent:  # II.16: the denoiser learns the VAE's latents
         with torch.no_grad():
             x0 = run.model.encode(x0)
     per_image, noise_level = training_loss(network, scheduler, x0, labels, config,
-                                           run.generator)
+                                           run.generator, noise)
     loss = per_image[share].mean()
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -2315,26 +2366,26 @@ def optimizer_step(run, network, share, scheduler, config, pixels, labels, lr, c
     return per_image, noise_level, loss
 
 
-def train(config, images, labels, *, out_dir, total_steps, seed=0, checkpoint=None, rank=0,
-          world=1, vae=None):
-    """Algorithm 1 for total_steps on uint8 images; returns the Run (short of total_steps
-    after a Ctrl-C). Under torchrun (world > 1) rank 0 alone keeps the EMA, prints and saves."""
-    device, ckpt_path, main = images.device, os.path.join(out_dir, "ckpt.pt"), rank == 0
-    run, scheduler = start_run(config, device, seed, checkpoint, ckpt_path, vae)
+def train(config, data, *, out_dir, total_steps, seed=0, checkpoint=None, rank=0, world=1,
+          initial=None):
+    """Algorithm 1 for total_steps on data (Images: uint8 pixels, or II.17's pairs) from seed, or
+    `initial` weights; the Run (short of total_steps after a Ctrl-C). Rank 0 keeps the EMA."""
+    device, ckpt_path, main = data.pixels.device, os.path.join(out_dir, "ckpt.pt"), rank == 0
+    run, scheduler = start_run(config, device, seed, checkpoint, ckpt_path, initial)
     (network, share), stop = shared_network(run.model, config.batch_size, rank, world), False
-    progress = Progress(run.step, total_steps, config.batch_size, len(images), device)
+    progress = Progress(run.step, total_steps, config.batch_size, len(data), device)
     with StopOnCtrlC(keep=world > 1) as ctrl_c:
         while run.step < total_steps and not stop:
 
             # draw the batch: the indices of this step's images and labels
-            batch = batch_indices(run.step, config.batch_size, len(images), seed).to(device)
+            batch = batch_indices(run.step, config.batch_size, len(data), seed).to(device)
 
             # set the learning rate for this step: linear warm-up, then cosine decay
             lr = set_learning_rate(run.optimizer, learning_rate(run.step, total_steps, config))
 
             # forward, backward, update (I.5's train_step, with a stop before a bad update)
             per_image, noise_level, loss = optimizer_step(
-                run, network, share, scheduler, config, images[batch], labels[batch], lr, ckpt_path)
+                run, network, share, scheduler, config, data.take(batch), lr, ckpt_path)
 
             # the exponential moving average of the weights (and the guide of autoguidance)
             if main:
@@ -2965,8 +3016,11 @@ def draw_the_latents(scene, images):
 
 # With no label to attend to, the unconditional model learns a digit's shape faster per minute
 # from 4×4 = 16 larger patches with 4 heads and AdamW's β2 = 0.99 (as EDM2 uses), and gets 1.4×
-# the conditional model's time (14 epochs; docs/experiments.md): its own defaults.
-UNCONDITIONAL_DEFAULTS = {"patch_size": 7, "heads": 4, "adam_beta2": 0.99, "epochs": 14}
+# the conditional model's time (14 epochs; docs/experiments.md): its own defaults. It keeps
+# DPM-Solver++ on the timestep grid: Karras σ lowers its distance (10.50 → 9.65) but also its
+# share of confident samples (86.0% → 84.0%), the unconditional model's target.
+UNCONDITIONAL_DEFAULTS = {"patch_size": 7, "heads": 4, "adam_beta2": 0.99, "epochs": 14,
+                          "sampler": "dpm"}
 
 
 def checked(parse, wants, accept=lambda value: True):
@@ -3082,8 +3136,13 @@ def add_upgrade_flags(parser, defaults=Config()):
 
 
 def add_backbone_flags(parser, defaults=Config()):
-    """II.15's UNet and II.16's latent space, in place of I.3's DiT on pixels."""
+    """II.15's UNet and II.16's latent space in place of I.3's DiT on pixels; II.17's reflow."""
     add = parser.add_argument
+    add("--reflow-from", default=None, metavar="CKPT",
+        help="II.17 reflow: learn the coupled pairs (noise, image) of this flow checkpoint, "
+             "starting from its weights (its config; --epochs counts passes over the pairs)")
+    add("--pairs", type=positive_int, default=20_000,
+        help="II.17 how many pairs the teacher draws, cached in --out-dir (default: 20000)")
     add("--arch", choices=["dit", "unet"], default=None,
         help="II.15 the network: the DiT of I.3 (with II.1's stem) or a UNet (default: dit)")
     add("--unet-channels", type=positive_int, default=None,
@@ -3310,7 +3369,7 @@ def config_from_flags(args):
              if getattr(args, name) is not None}
     kind_defaults = Config() if args.cond else replace(Config(), **UNCONDITIONAL_DEFAULTS)
     per_kind = {name: getattr(args, name) for name in UNCONDITIONAL_DEFAULTS
-                if getattr(args, name) is not None}
+                if getattr(args, name, None) is not None}
     defaults = replace(kind_defaults, cond=args.cond, batch_size=args.batch_size, lr=args.lr,
                        label_drop=args.label_drop, warmup_steps=args.warmup_steps,
                        width=args.width, depth=args.depth, **per_kind)
@@ -3420,32 +3479,104 @@ def finish_processes():
         dist.destroy_process_group()
 
 
+def pairs_set(teacher_path, count, out_dir, seed, device):
+    """A flow checkpoint (the teacher), and II.17's coupled pairs of it as a DataSet whose
+    decode() draws them, or reads them from <out-dir>/pairs.pt."""
+    teacher = load_model(teacher_path, device)
+    if teacher.config.objective != "flow":
+        raise UserError(f"--reflow-from {teacher_path}: reflow straightens a flow, and this "
+                        f"checkpoint was trained for DDPM; train one with --objective flow")
+    config = teacher.config
+    decode = lambda: drawn_pairs(teacher, count, out_dir, seed)
+    return teacher, DataSet(config.data, config.channels, config.image_size, config.class_names,
+                            count, decode)
+
+
+def cached_pairs(path, shape, num_classes):
+    """The pairs drawn so far (their count in "done"), or none yet; the classes in turn."""
+    if not os.path.isfile(path):
+        return {"noise": torch.zeros(shape), "images": torch.zeros(shape), "done": 0,
+                "labels": torch.arange(shape[0]) % num_classes, "straightness": torch.zeros(
+                    shape[0])}
+    pairs = torch.load(path, weights_only=True)
+    if len(pairs["labels"]) != shape[0]:
+        raise UserError(f"{path} holds {len(pairs['labels'])} pairs, not --pairs {shape[0]}; "
+                        f"delete it, or ask for {len(pairs['labels'])}")
+    return pairs
+
+
+def drawn_pairs(teacher, count, out_dir, seed, chunk=500):
+    """(z, x = ODE(z)) from the teacher's own sampling (its sampler and steps, CFG with the
+    classes in turn), `chunk` at a time with progress, cached at <out-dir>/pairs.pt after
+    every chunk: an interrupted run draws only what is missing. Under torchrun, rank 0 draws."""
+    (model, scheduler, config, guide, _), path = teacher, os.path.join(out_dir, "pairs.pt")
+    shape, device = image_shape(config, count), next(model.parameters()).device
+    pairs = cached_pairs(path, shape, config.num_classes)
+    steps, clock = sampler_and_steps(config)[1], Clock(count, pairs["done"])
+    sampling = Sampling(guidance_scale=default_guidance_scale(config), guide=guide)
+    while distributed()[0] == 0 and pairs["done"] < count:
+        first, size = pairs["done"], min(chunk, count - pairs["done"])
+        z = gaussian_like(torch.empty(image_shape(config, size)),  # per chunk, on the CPU
+                          torch.Generator().manual_seed(seed * 1_000_003 + first))
+        labels = pairs["labels"][first:first + size].to(device)
+        denoise, _ = guided_denoiser(model, scheduler, config, labels if config.cond else None,
+                                     sampling)
+        x, gaps = coupled_pairs(denoise, z.to(device), steps, config.num_timesteps)
+        for name, value in (("noise", z), ("images", x), ("straightness", gaps)):
+            pairs[name][first:first + size] = value.cpu()
+        pairs["done"] += size
+        durable_save(pairs, path)
+        if clock.due(pairs["done"]):
+            straightness = pairs["straightness"][:pairs["done"]].mean()
+            clock.say(pairs["done"], f"  pairs {pairs['done']:,}/{count:,}, the teacher's "
+                                     f"straightness {straightness:.4f}")
+    if distributed()[1] > 1:
+        import torch.distributed as dist
+        dist.barrier()
+        pairs = torch.load(path, weights_only=True)
+    return Images(pairs["images"], pairs["labels"], config.class_names, pairs["noise"])
+
+
+def training_set(args, config, checkpoint, seed, device):
+    """What a run trains on, found and checked but not decoded: the config with its data, the
+    DataSet, and the weights a new run starts from (a reflow: its teacher's; else None)."""
+    if checkpoint is None and args.reflow_from:  # II.17: the teacher's config and its pairs
+        teacher, found = pairs_set(args.reflow_from, args.pairs, args.out_dir, seed, device)
+        epochs = args.epochs or teacher.config.epochs
+        config = replace(teacher.config, reflow_from=os.path.abspath(args.reflow_from),
+                         pairs=args.pairs, epochs=epochs)
+        return config, found, teacher.model.state_dict()
+    if checkpoint is None:  # a new run: the data decides the image's shape and the classes
+        found = find_data(args.data or "mnist", args.data_dir, True, args.image_size)
+        return data_config(config, found, args.cond), found, None
+    if config.pairs:  # a reflow resumed: its pairs are cached in --out-dir
+        return config, pairs_set(config.reflow_from, config.pairs, args.out_dir, seed,
+                                 device)[1], None
+    return config, checked_data(config, args.data, args.data_dir, True), None
+
+
 def command_train(args):
     device = process_device(pick_device(args.device))
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     config, checkpoint, seed = prepare_training(args, device, ckpt_path)
-    if checkpoint is None:  # a new run: the data decides the image's shape and the classes
-        found = find_data(args.data or "mnist", args.data_dir, True, args.image_size)
-        config = data_config(config, found, args.cond)
-    else:
-        found = checked_data(config, args.data, args.data_dir, True)
+    config, found, initial = training_set(args, config, checkpoint, seed, device)
     check_model_shape(config)
     check_writable_folder(args.out_dir, "--out-dir")
     if config.batch_size > found.count:
         raise UserError(f"--batch-size {config.batch_size} is larger than the "
                         f"{found.count} training images")
     start_processes(device, config.batch_size)
-    images, vae = found.decode(), None
+    images = found.decode()
     if config.latent and checkpoint is None:  # stage one: the VAE, and its latents' scale
         vae, scale = trained_vae(config, images.pixels.to(device), args.out_dir)
+        initial = {f"vae.{name}": value for name, value in vae.items()}
         config = replace(config, latent_scale=scale)
     total_steps = args.max_steps or config.epochs * (len(images) // config.batch_size)
     print_run_header(config, len(images), total_steps, device)
     rank, world = distributed()
     started = time.time()
-    run = train(config, images.pixels.to(device), images.labels.to(device),
-                out_dir=args.out_dir, total_steps=total_steps, seed=seed, checkpoint=checkpoint,
-                rank=rank, world=world, vae=vae)
+    run = train(config, images.to(device), out_dir=args.out_dir, total_steps=total_steps,
+                seed=seed, checkpoint=checkpoint, rank=rank, world=world, initial=initial)
     finish_processes()
     if run.step < total_steps:
         print(f"\ninterrupted at step {run.step}; saved {ckpt_path} (continue with --resume)")
@@ -3615,6 +3746,19 @@ def command_sample(args):
         print(f"wrote {args.gif}")
 
 
+def print_straightness(model, scheduler, config, guide, seed, count=200):
+    """II.17's straightness of a flow checkpoint's paths under its own sampling."""
+    device = next(model.parameters()).device
+    labels = torch.arange(count, device=device) % config.num_classes if config.cond else None
+    sampling = Sampling(guidance_scale=default_guidance_scale(config), guide=guide)
+    denoise, _ = guided_denoiser(model, scheduler, config, labels, sampling)
+    noise = gaussian_like(torch.empty(image_shape(config, count)),
+                          torch.Generator().manual_seed(seed)).to(device)
+    steps = sampler_and_steps(config)[1]
+    gaps = coupled_pairs(denoise, noise, steps, config.num_timesteps)[1]
+    print(f"straightness of {count} paths (Euler {steps}; 0: straight): {gaps.mean():.4f}")
+
+
 def parse_sampler_settings(text, config):
     """"ddim:20,ddpm" → [("ddim", 20), ("ddpm", T)], each checked against the checkpoint;
     none: the checkpoint's."""
@@ -3647,6 +3791,8 @@ def command_evaluate(args):
     noisy_classifier = noisy_classifier_for(args, any(args.classifier_scales or []), scheduler,
                                             config, device)
     guidance_interval = args.guidance_interval or (config.guidance_low, config.guidance_high)
+    if config.objective == "flow":
+        print_straightness(model, scheduler, config, guide, args.seed)
     scales = args.guidance_scales or [0.0, 1.0, 2.0, 3.0, 5.0]
     if not config.cond:  # w = 1: the model alone; then autoguidance, if there is a guide
         scales = args.guidance_scales or [1.0] + ([config.autoguidance_scale] if guide else [])

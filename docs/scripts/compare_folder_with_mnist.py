@@ -14,7 +14,8 @@ print("names", folder.class_names, "same pixels:", same_pixels, "same labels:", 
 config = vd.Config(cond=True)
 losses = []
 for pixels, labels in ((mnist.pixels[order], mnist.labels[order]), (folder.pixels, folder.labels)):
-    run = vd.train(config, pixels, labels, out_dir=tempfile.mkdtemp(), total_steps=30, seed=0)
+    run = vd.train(config, vd.Images(pixels, labels, ()), out_dir=tempfile.mkdtemp(),
+                   total_steps=30, seed=0)
     losses.append([p.detach().clone() for p in run.model.parameters()])
 print("largest weight difference after 30 steps:",
       max((a - b).abs().max().item() for a, b in zip(*losses)))
