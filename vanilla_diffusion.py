@@ -19,7 +19,7 @@ and the sections its banner says it needs.
     I.4  Data              MNIST as one tensor in [−1, 1]
     I.5  Training          Algorithm 1 with label dropout: ddpm_loss, train_step
     I.6  Sampling          Algorithm 2 with classifier-free guidance: sample_ddpm_cfg
-Part II — the upgrades (~740 lines): each section says what it replaces in Part I, what it
+Part II — the upgrades (~970 lines): each section says what it replaces in Part I, what it
 needs, the idea and its paper, and what it measurably buys (the numbers are in the README and
 docs/).
     II.0 the upgrades' knobs    II.1 conv stem and head    II.2 v- and x0-prediction
