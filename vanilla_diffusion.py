@@ -1312,8 +1312,8 @@ class UNet(nn.Module):
 #   `import math`.
 #   Idea: a variational autoencoder (Kingma & Welling 2014) is trained first, alone: its
 #   encoder maps a picture to the mean μ and log-variance log σ² of a latent z (S/2 × S/2 ×
-#   2 by default), its decoder maps z back; the loss is the reconstruction error plus a small weight
-#   on KL(N(μ, σ²) ‖ N(0, I)), which keeps the latents near N(0, I) without blurring them much.
+#   2 by default), its decoder maps z back; the loss is the reconstruction error plus a small
+#   weight on KL(N(μ, σ²) ‖ N(0, I)), which keeps the latents near N(0, I).
 #   It is then frozen; the denoiser learns the latents z = k·μ(x), with k the scale that gives
 #   them unit variance on the training data (SD's scaling factor, 0.18215 for its VAE), and a
 #   sample is decode(z/k). Buys: README, "A UNet and latent diffusion".
@@ -1630,7 +1630,6 @@ def folder_set(folder, image_size, channels=None):
     is single-channel, RGB otherwise (or `channels`); image_size None: the smallest picture's
     shorter side, at most 64 (a DiT on a CPU pays for every token; --image-size for more)."""
     samples, names = folder_samples(folder)
-    samples = tuple(samples)  # hashable, for decode_folder's cache
     if not samples:
         raise UserError(f"--data {folder}: no pictures found in it or its subfolders")
     headers = [read_header(path) for path, _ in samples]
@@ -1641,7 +1640,6 @@ def folder_set(folder, image_size, channels=None):
     return DataSet(os.path.abspath(folder), channels, size, names, len(samples), decode)
 
 
-@functools.lru_cache(maxsize=1)  # evaluate and show read a folder as train and as test set
 def decode_folder(folder, samples, names, channels, size):
     """The pictures decoded into one uint8 tensor, with progress; a file that cannot be decoded
     is named (a truncated one fails only here)."""
@@ -1653,8 +1651,8 @@ def decode_folder(folder, samples, names, channels, size):
                         f"pass a smaller --image-size")
     print(f"decoding {len(samples):,} pictures from {folder} into {channels}×{size}×{size} "
           f"({need / 2**20:,.1f} MB as uint8)", flush=True)
-    pixels, clock = torch.empty(len(samples), channels, size, size, dtype=torch.uint8), Clock(
-        len(samples))
+    pixels = torch.empty(len(samples), channels, size, size, dtype=torch.uint8)
+    clock = Clock(len(samples))
     for i, (path, _) in enumerate(samples):
         try:
             with Image.open(path) as picture:
@@ -1800,11 +1798,11 @@ def sampler_loop(denoise, scheduler, config, x, sampling, start_t, generator=Non
 def sampler_and_steps(config, sampler=None, steps=None):
     """The sampler asked for (or the checkpoint's) and its steps (all T for the DDPM loops, else
     the checkpoint's), checked: which sampler fits which checkpoint, and how many steps."""
-    sampler = sampler or ("euler" if config.objective == "flow" else config.sampler)
+    flow = config.objective == "flow"
+    sampler = sampler or ("euler" if flow else config.sampler)
     all_t = sampler in ("ddpm", "vanilla")
     if steps is None:
         steps = config.num_timesteps if all_t else config.sample_steps
-    flow = config.objective == "flow"
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if flow and sampler != "euler":
@@ -2405,8 +2403,9 @@ def train(config, data, *, out_dir, total_steps, seed=0, checkpoint=None, rank=0
 
 # ---------------------------------------------------------------------------------------------
 # III.6 Evaluation: how good are the samples?
-#     A small CNN checks that each sample shows its label; its features give a Fréchet
-#     distance to real digits (the FID formula of Heusel et al. 2017, with an MNIST network).
+#     A small CNN, trained on the data, checks that each sample shows its label; its features
+#     give a Fréchet distance to real images (the FID formula of Heusel et al. 2017, with this
+#     small network in place of Inception).
 # ---------------------------------------------------------------------------------------------
 
 class Classifier(nn.Module):
@@ -3460,9 +3459,10 @@ def print_run_header(config, count, total_steps, device):
     kind = "conditional" if config.cond else "unconditional"
     kind = f"{kind} Part I (vanilla)" if config.vanilla else kind
     network = build_network(config)
-    kind += f" {type(network.network if config.latent else network).__name__.replace('Conv', '')}"
+    network = network.network if config.latent else network  # II.16: the denoiser inside
+    kind += f" {type(network).__name__.replace('Conv', '')}"
     kind += " on the VAE's latents" if config.latent else ""
-    size = count_parameters(network.network if config.latent else network) / 1e6
+    size = count_parameters(network) / 1e6
     world = distributed()[1]
     where = f"{world} processes on {device.split(':')[0]}" if world > 1 else device
     S = config.image_size
@@ -3670,17 +3670,26 @@ def check_sample_flags(args, config, sampler):
 
 
 def train_and_test_images(args, config, device):
-    """A function that loads the checkpoint's data (or --data) as (train, test) Images."""
-    return lambda: tuple(load_images(config, args.data, args.data_dir, train, device)
-                         for train in (True, False))
+    """A function that loads the checkpoint's data (or --data) as (train, test) Images, once,
+    when first asked; a folder has no test split, so its test set is its training set."""
+    loaded = []
+
+    def load():
+        if not loaded:
+            train = load_images(config, args.data, args.data_dir, True, device)
+            a_folder = (args.data or config.data) not in DATASETS
+            loaded.extend([train, train if a_folder else load_images(
+                config, args.data, args.data_dir, False, device)])
+        return tuple(loaded)
+    return load
 
 
-def noisy_classifier_for(args, scale, scheduler, config, device):
-    """The noisy classifier cached beside the checkpoint, if classifier guidance is asked for."""
+def noisy_classifier_for(args, scale, scheduler, config, data, device):
+    """The noisy classifier cached beside the checkpoint, if classifier guidance is asked for;
+    data: train_and_test_images's loader."""
     if not scale:
         return None
     path = os.path.join(cache_folder(args.ckpt), "noisy_classifier.pt")
-    data = train_and_test_images(args, config, device)
     return get_noisy_classifier(path, scheduler, config, data, device)
 
 
@@ -3727,8 +3736,9 @@ def command_sample(args):
     sampling = dict(sampler=sampler, steps=steps, negative_labels=negative, init_images=init,
                     strength=strength, guidance_interval=args.guidance_interval, guide=guide,
                     **sampling_options(args), classifier_scale=args.classifier_scale,
-                    classifier=noisy_classifier_for(args, args.classifier_scale, scheduler,
-                                                    config, device))
+                    classifier=noisy_classifier_for(args, args.classifier_scale, scheduler, config,
+                                                    train_and_test_images(args, config, device),
+                                                    device))
     scales = args.guidance_scale or [default_guidance_scale(config)]
     rows, frames = [], []
     for guidance_scale in scales:  # one seed for every scale: each column starts from one noise
@@ -3789,7 +3799,7 @@ def command_evaluate(args):
     classifier = get_classifier(os.path.join(cache_folder(args.ckpt), f"{judge}_classifier.pt"),
                                 config, images, device)
     noisy_classifier = noisy_classifier_for(args, any(args.classifier_scales or []), scheduler,
-                                            config, device)
+                                            config, images, device)
     guidance_interval = args.guidance_interval or (config.guidance_low, config.guidance_high)
     if config.objective == "flow":
         print_straightness(model, scheduler, config, guide, args.seed)
@@ -3818,7 +3828,7 @@ def command_show(args):
     started = time.time()
     labels = torch.full((4,), label, device=device) if config.cond else None
     scene = Scene(model, scheduler, config, guide, labels, args.out_dir, args.seed)
-    a_folder = (args.data or config.data) not in DATASETS  # a folder has no test split
+    a_folder = test_images is train_images  # a folder has no test split
     real = train_images if a_folder else test_images
     written = [draw_what_the_network_sees(scene, real.pixels[:4], real.labels[:4]),
                *draw_coarse_to_fine(scene), *draw_where_the_label_acts(scene),
