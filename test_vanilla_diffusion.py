@@ -191,7 +191,7 @@ def test_ddpm_step_mean_matches_posterior_mean_closed_form(scheduler, t, clip):
     x0 = torch.linspace(-0.9, 0.9, 4).reshape(1, 1, 2, 2).expand(n, 1, 2, 2)
     one_noise = torch.randn(1, 1, 2, 2).expand(n, 1, 2, 2)
     x_t, noise = scheduler.noise_image(x0, t, one_noise)  # one x_t, n copies
-    if clip:  # II.5: the ε of the clamped x0, which is x0 itself here
+    if clip:  # II.6: the ε of the clamped x0, which is x0 itself here
         noise = vd.clamp_prediction(scheduler, x_t, t, noise)[1]
     x_prev = scheduler.sample_prev_image_distribution(x_t, t, noise)
     sigma = scheduler.betas[t].sqrt().item()  # σ_t = √β_t
@@ -420,7 +420,7 @@ def test_dpm_solver_first_order_step_is_the_ddim_step(scheduler, t, t_next_fract
 
 
 # ---------------------------------------------------------------------------------------------
-# The σ view (II.13), the flow SDE (II.12), and the notes' other choices (II.2, II.14, I.2)
+# The σ view (II.13), the flow SDE (II.11), and the notes' other choices (II.2, II.14, I.2)
 # ---------------------------------------------------------------------------------------------
 
 SIGMA_LOOPS = {"euler": vd.euler_sigma_sampler, "heun": vd.heun_sampler,
@@ -1052,8 +1052,9 @@ def test_part_one_alone_trains_and_samples_a_complete_model():
     before, generator = fixed_loss(), torch.Generator().manual_seed(0)
     for step in range(40):
         batch = torch.arange(16) + 16 * (step % 4)
-        part_one["train_step"](model, optimizer, scheduler, images[batch], labels[batch], 0.1,
-                               generator)
+        loss = part_one["ddpm_loss"](model, scheduler, images[batch], labels[batch], 0.1,
+                                     generator)[0].mean()
+        part_one["train_step"](model, optimizer, loss)
     assert fixed_loss() < 0.7 * before
     samples = part_one["sample_ddpm_cfg"](model.eval(), scheduler, torch.tensor([1, 7]), 2.0,
                                           (2, 1, 28, 28), torch.Generator().manual_seed(0))
@@ -1079,7 +1080,7 @@ def file_sections():
         banner_end = next(i for i in range(1, len(body)) if body[i].startswith("# ---"))
         banner = " ".join(line.lstrip("# ") for line in body[:banner_end])
         needs = banner.split("Needs:")[1] if "Needs:" in banner else ""
-        needs = re.split(r"\b(?:Buys|Idea|Replaces):|Draw x0|From x_", needs)[0]
+        needs = re.match(r"(?:`[^`]*`|[^`.]|\.(?=\S))*", needs).group(0)  # to the first ". "
         refs = []
         for part, low, high in re.findall(r"\b(I{1,2})\.(\d+)(?:–I{1,2}\.(\d+))?", needs):
             refs += [f"{part}.{n}" for n in range(int(low), int(high or low) + 1)]
@@ -1090,13 +1091,10 @@ def file_sections():
 
 
 def lifted(*names):
-    """A fresh namespace holding `import torch` and the named sections with all they need."""
-    sections, wanted, todo = file_sections(), set(), list(names)
-    while todo:
-        name = todo.pop()
-        if name not in wanted:
-            wanted.add(name)
-            todo += sections[name][2]
+    """A fresh namespace holding `import torch`, the named sections, and the sections and imports
+    their banners name (not what those name in turn: a banner names everything)."""
+    sections = file_sections()
+    wanted = set(names) | {ref for name in names for ref in sections[name][2]}
     namespace = {"__name__": "lifted"}
     imports = {line for name in wanted for line in sections[name][3]}
     exec("import torch\n" + "\n".join(sorted(imports)), namespace)
@@ -1105,33 +1103,72 @@ def lifted(*names):
     return namespace
 
 
-def test_every_part_two_banner_says_what_it_needs():
+def free_globals(source):
+    """The global names a piece of source reads, by Python's own symbol tables, and those it
+    defines itself."""
+    import builtins
+    import symtable
+    top = symtable.symtable(source, "section", "exec")
+    defined = {symbol.get_name() for symbol in top.get_symbols()
+               if symbol.is_assigned() or symbol.is_imported()}
+    used, tables = set(), [top]
+    while tables:
+        table = tables.pop()
+        used |= {symbol.get_name() for symbol in table.get_symbols() if symbol.is_referenced()
+                 and (table is top or symbol.is_global())}
+        tables += table.get_children()
+    return used - set(dir(builtins)), defined
+
+
+def test_every_banner_names_what_its_copy_needs_transitively():
+    """Each section has a Needs: line, naming only sections above it, and holding what those
+    name in turn: a reader copies from the banner alone."""
     sections = file_sections()
-    for name, (_, _, refs, _) in sections.items():
-        if name.startswith("II."):
-            assert refs, f"{name} has no Needs: line naming sections"
+    for name, (_, _, refs, imports) in sections.items():
+        assert all(ref in sections and sections[ref][0] < sections[name][0] for ref in refs), \
+            f"{name} needs a section that is not above it: {refs}"
+        for ref in refs:
+            missing = set(sections[ref][2]) - set(refs)
+            missing |= set(sections[ref][3]) - set(imports) - {"import torch"}
+            assert not missing, f"{name} needs {ref}, which needs {sorted(missing)} too"
+        banner = sections[name][1].split("\n# ---")[0]
+        assert "Needs:" in banner, f"{name} has no Needs: line"
+
+
+@pytest.mark.parametrize("name", list(file_sections()))
+def test_each_section_runs_with_exactly_what_its_banner_names(name):
+    """Statically: every global the section reads is defined by a section or an import its
+    banner names (or by itself, or a builtin); then the lift executes."""
+    sections = file_sections()
+    _, source, refs, imports = sections[name]
+    namespace = lifted(name)
+    used, _ = free_globals(source)
+    unresolved = sorted(used - set(namespace))
+    assert not unresolved, f"{name} reads {unresolved}, which its Needs: line does not name"
+    for ref in refs:
+        assert not set(free_globals(sections[ref][1])[0]) - set(namespace), ref
 
 
 @pytest.mark.parametrize("section, make_loop", [
-    ("II.5", lambda ns, denoise, sch, x: ns["ddpm_sampler"](denoise, sch, x, 30)),
-    ("II.6", lambda ns, denoise, sch, x: ns["ddim_sampler"](denoise, sch, x, [999, 500, 100])),
-    ("II.7", lambda ns, denoise, sch, x: ns["dpm_solver_sampler"](denoise, sch, x,
+    ("II.6", lambda ns, denoise, sch, x: ns["ddpm_sampler"](denoise, sch, x, 30)),
+    ("II.7", lambda ns, denoise, sch, x: ns["ddim_sampler"](denoise, sch, x, [999, 500, 100])),
+    ("II.8", lambda ns, denoise, sch, x: ns["dpm_solver_sampler"](denoise, sch, x,
                                                                    [999, 500, 100])),
     *[("II.13", lambda ns, denoise, sch, x, loop=loop: ns[loop](
         ns["SigmaDenoiser"](denoise, sch), x, ns["sigma_schedule"](sch, [999, 500, 100])))
       for loop in ("euler_sigma_sampler", "euler_ancestral_sampler", "heun_sampler",
                    "dpmpp_2m_sampler", "dpmpp_2m_sde_sampler")],
-    ("II.11", lambda ns, denoise, sch, x: ns["euler_sampler"](denoise, x, [1.0, 0.5, 0.0], T)),
-    ("II.12", lambda ns, denoise, sch, x: ns["flow_sde_sampler"](denoise, x, [1.0, 0.5, 0.0],
+    ("II.10", lambda ns, denoise, sch, x: ns["euler_sampler"](denoise, x, [1.0, 0.5, 0.0], T)),
+    ("II.11", lambda ns, denoise, sch, x: ns["flow_sde_sampler"](denoise, x, [1.0, 0.5, 0.0],
                                                                  T, 0.7)),
 ])
 def test_each_part_two_sampler_lifts_alone_and_samples_from_a_tiny_dit(section, make_loop):
-    """The sampler's section, II.8's Denoiser and I.3's DiT, with what their banners name, in a
+    """The sampler's section, II.5's Denoiser and I.3's DiT, with what their banners name, in a
     namespace of their own: the same images as the whole file draws."""
-    flow = section in ("II.11", "II.12")
+    flow = section in ("II.10", "II.11")
     objective = "flow" if flow else "eps"
     outputs = []
-    for ns in (lifted(section, "II.8", "I.3"), vars(vd)):
+    for ns in (lifted(section, "II.5", "I.3"), vars(vd)):
         config = ns["Config"](cond=True, width=32, depth=2, heads=2, label_tokens=2,
                               objective=objective)
         torch.manual_seed(0)
@@ -1562,7 +1599,7 @@ def test_unconditional_run_keeps_an_early_guide_and_evaluates_with_and_without_i
             if line.strip().startswith("dpm")]
     autoguided = f"{vd.Config().autoguidance_scale:g}"
     assert [row[2] for row in rows] == ["1", autoguided]  # the model alone, then autoguided
-    assert all(row[5].endswith("%") for row in rows)  # the share of confident samples
+    assert all(row[6].endswith("%") for row in rows)  # the share of confident samples
 
 
 def test_sample_without_label_draws_one_row_per_digit(trained, tmp_path):
@@ -1574,10 +1611,12 @@ def test_sample_without_label_draws_one_row_per_digit(trained, tmp_path):
 def test_evaluate_prints_accuracy_and_distance_table(trained, tiny_mnist, capsys):
     vd.main(["evaluate", "--ckpt", trained, "--data-dir", tiny_mnist, "--per-label", "2",
              "--guidance-scales", "0,3", "--samplers", "ddim:3"])
-    rows = [line.split() for line in capsys.readouterr().out.splitlines()
-            if line.strip().startswith("ddim")]
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("ddim")]
+    floor = float(out.split("(the floor): distance ")[1].split(",")[0])
     assert [row[2] for row in rows] == ["0", "3"]
-    assert all(row[3].endswith("%") and float(row[-3]) >= 0 for row in rows)
+    assert all(row[3].endswith("%") and float(row[-4]) >= 0 for row in rows)
+    assert all(abs(float(row[-4]) - floor - float(row[-3])) <= 0.011 for row in rows)  # excess
     assert all(0 <= float(row[-2].rstrip("%")) <= 100 for row in rows)  # the faint share
 
 

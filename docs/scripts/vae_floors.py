@@ -13,8 +13,7 @@ for factor, L, width, epochs in [(2, 2, 32, 2), (4, 4, 32, 2), (2, 4, 32, 2), (4
     torch.manual_seed(0)
     vae = vd.VAE(1, L, factor, width)
     started = time.time()
-    vd.fit_network(vae, lambda n, x, y: vd.vae_loss(n, x).mean(), train.pixels, train.labels,
-                   epochs, "VAE")
+    vd.train_vae(vae, train.pixels, epochs, vd.progress_line("VAE"))
     seconds = time.time() - started
     with torch.no_grad():
         x = vd.as_x0(test.pixels[:1000])
