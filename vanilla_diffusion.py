@@ -665,10 +665,8 @@ def guided_prediction(model, x, t, labels, guidance_scale, negative_labels=None,
     if labels is None:  # autoguidance
         pred_guide = guide(x, t, None)
         return pred_guide + guidance_scale * (model(x, t, None) - pred_guide)
-    if negative_labels is None:
-        uncond_labels = torch.full_like(labels, NULL_LABEL)
-    else:
-        uncond_labels = negative_labels
+    null = torch.full_like(labels, NULL_LABEL)
+    uncond_labels = null if negative_labels is None else negative_labels    # ∅, or n
     both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, uncond_labels]))
     pred_cond, pred_uncond = both.chunk(2)                              # [B, C, H, W] each
     return pred_uncond + guidance_scale * (pred_cond - pred_uncond)
@@ -716,7 +714,6 @@ class Denoiser:
         if self.classifier_guide is not None:
             output = self.classifier_guide.noise(x, t, output)          # ε̂ = ε − s·√(1−ᾱ)·g
         return output
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -769,10 +766,8 @@ def ddpm_sampler(denoise, scheduler, x, start_t, generator=None, clip_x0=True, m
 def ddim_step(scheduler, x_t, t, t_prev, pred_noise, eta=0.0, generator=None, clip_x0=False):
     """One DDIM step x_t → x_{t_prev}, eq. 12; t_prev = −1 means "to x0"."""
     alpha_bar = per_sample(scheduler.alpha_bar, t, x_t)
-    if t_prev >= 0:
-        alpha_bar_prev = per_sample(scheduler.alpha_bar, t_prev, x_t)
-    else:
-        alpha_bar_prev = torch.ones_like(alpha_bar)
+    alpha_bar_prev = (per_sample(scheduler.alpha_bar, t_prev, x_t) if t_prev >= 0
+                      else torch.ones_like(alpha_bar))                  # to x0: ᾱ = 1
     # 1. the predicted x0 (II.6), optionally clamped along with the ε that matches it
     if clip_x0:
         x0, pred_noise = clamp_prediction(scheduler, x_t, t, pred_noise)
@@ -914,7 +909,7 @@ def fit_network(network, loss_fn, images, labels, epochs, progress=None, batch_s
 
 
 def train_noisy_classifier(classifier, scheduler, images, labels, epochs=3, progress=None):
-    """p_φ fitted on noise_image of uint8 images [N, C, S, S] by II.0's fit_network."""
+    """p_φ fitted on noise_image of uint8 images [N, C, S, S] by fit_network above."""
     loss = lambda net, x0, y: noisy_classifier_loss(net, scheduler, x0, y)[0]
     return fit_network(classifier, loss, images, labels, epochs, progress)
 
@@ -1431,7 +1426,7 @@ def vae_loss(vae, x, kl_weight=1e-4, generator=None):
 
 
 def train_vae(vae, images, epochs=2, progress=None):
-    """Stage one: the VAE fitted alone on uint8 images [N, C, S, S] by II.0's fit_network."""
+    """Stage one: the VAE fitted alone on uint8 images [N, C, S, S] by II.9's fit_network."""
     return fit_network(vae, lambda net, x, _: vae_loss(net, x).mean(), images, images, epochs,
                        progress)
 
@@ -2103,16 +2098,6 @@ def shown_path(path):
     """A path as a user would type it from here: relative if below this folder."""
     relative = os.path.relpath(path)
     return path if relative.startswith("..") else relative
-
-
-def checkpoint_to_use(ckpt):
-    """--ckpt as given; without it runs/ckpt.pt, or the shipped conditional model (said once)."""
-    if ckpt is not None or os.path.isfile(DEFAULT_CKPT):
-        return ckpt or DEFAULT_CKPT
-    shipped = SHIPPED_MODELS["conditional"]
-    print(f"no {DEFAULT_CKPT} yet: using the shipped model {shown_path(shipped)} (train your "
-          f"own with `python vanilla_diffusion.py train --cond`)", flush=True)
-    return shipped
 
 
 def cache_folder(ckpt):
@@ -3883,6 +3868,16 @@ def command_show(args):
                *(draw_the_latents(scene, real.pixels) if config.latent else [])]
     print(f"wrote {len(written)} pictures in {format_seconds(time.time() - started)}: "
           + ", ".join(written))
+
+
+def checkpoint_to_use(ckpt):
+    """--ckpt as given; without it runs/ckpt.pt, or the shipped conditional model (said once)."""
+    if ckpt is not None or os.path.isfile(DEFAULT_CKPT):
+        return ckpt or DEFAULT_CKPT
+    shipped = SHIPPED_MODELS["conditional"]
+    print(f"no {DEFAULT_CKPT} yet: using the shipped model {shown_path(shipped)} (train your "
+          f"own with `python vanilla_diffusion.py train --cond`)", flush=True)
+    return shipped
 
 
 def main(argv=None):
