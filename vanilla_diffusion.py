@@ -447,10 +447,11 @@ def sample_ddpm_cfg(model, scheduler, labels, guidance_scale, shape, generator=N
 
 # =============================================================================================
 # Part II — the upgrades
-#   Each section replaces one piece of Part I and says what it buys; the defaults use II.1–II.8
-#   and II.13 (README: the ladder), the rest are flags. Each uses Part I and the sections above
-#   it, nothing later, and its banner's "Needs:" names every section and import a copy of it
-#   needs (besides `import torch`), transitively: copy those and it runs.
+#   Each section replaces one piece of Part I and says what it buys. The defaults use II.1–II.6,
+#   II.8 (unconditional) and II.13 (conditional), on II.7's grid of timesteps (README: the
+#   ladder); the rest are flags. Each uses Part I and the sections above it, nothing later, and
+#   its banner's "Needs:" names every section and import a copy of it needs (besides `import
+#   torch`), transitively: copy those and it runs.
 # =============================================================================================
 
 # ---------------------------------------------------------------------------------------------
@@ -470,7 +471,7 @@ class Config(Config):
     min_snr_gamma: float = 0.0      #   min-SNR-γ loss weight; 0: off (it starves high noise)
     ema_decay: float = 0.999        # II.4 sampling weights: θ_ema ← d·θ_ema + (1 − d)·θ
     clip_x0: bool = True            # II.6 clamp the predicted x0 to [−1, 1] at each step
-    sampler: str = "dpm++2m-karras"  # II.7–7, II.13 the sampler `sample` uses by default
+    sampler: str = "dpm++2m-karras"  # II.7–8, II.13 the sampler `sample` uses by default
     sample_steps: int = 15          #   its network evaluations
     guidance_low: float = 0.1       # II.5 guide only where t/(T−1) ∈ [low, high]; else w = 1
     guidance_high: float = 0.7
@@ -1060,7 +1061,7 @@ def noised_start(scheduler, config, init_images, strength, noise):
 
 # ---------------------------------------------------------------------------------------------
 # II.13 The σ view (Karras et al. 2022, "EDM") and the samplers WebUI users know
-#   Replaces: II.7–7's steps on the timestep grid, optionally.
+#   Replaces: II.7–8's steps on the timestep grid, optionally.
 #   Idea: divide x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε by √ᾱ_t: x = x0 + σ·ε, with σ_t = √((1−ᾱ_t)/ᾱ_t). In
 #   this scale the probability-flow ODE is dx/dσ = (x − D(x; σ))/σ, where the denoiser D(x; σ) = x −
 #   σ·ε_θ(x/√(σ²+1), t_σ) is the network's clean image; so every ε-, v- or x0-network of this file
@@ -1854,7 +1855,7 @@ def sampler_timesteps(sampling, scheduler, start_t):
 
 def sampler_loop(denoise, scheduler, config, x, sampling, start_t, generator=None,
                  mean_shift=None):
-    """The loop of the named sampler (II.6–7, II.10–13), yielding x after every step."""
+    """The loop of the named sampler (II.6–8, II.10, II.11, II.13), yielding x after every step."""
     name = sampling.sampler.removesuffix("-karras")
     if config.objective == "flow":
         s_grid = flow_grid(sampling.steps, sampling.strength)
