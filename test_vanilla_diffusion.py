@@ -2351,3 +2351,17 @@ def test_a_reflow_run_trains_from_its_teacher_and_samples_in_one_step(tiny_mnist
         expect_one_line_error(["train", "--out-dir", str(tmp_path / "bad"), *args], message,
                               capsys)
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_readme_counts_each_parts_lines_as_they_are():
+    import re
+    lines = open(os.path.join(HERE, "vanilla_diffusion.py"), encoding="utf-8").read().splitlines()
+    # each part opens at the ==== line above its "# Part" line, whose 0-based index is that
+    # line's 1-based number
+    starts = [next(i for i, line in enumerate(lines) if line.startswith(f"# Part {part} —"))
+              for part in ("I", "II", "III")] + [len(lines) + 1]
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    for k, part in enumerate(("I", "II", "III")):
+        first, last = starts[k], starts[k + 1] - 1
+        row = re.search(rf"^\| {part}\. [^|]+\| (\d+)–(\d+) \(([\d,]+)\) \|", readme, re.M)
+        assert row and row.groups() == (str(first), str(last), f"{last - first + 1:,}"), part

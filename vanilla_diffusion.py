@@ -3,7 +3,7 @@ parts that runs.
 
 Start here: two trained models ship in assets/models/, so the first command draws at once.
     python vanilla_diffusion.py sample --label 4      # sixteen 4s into samples.png, in seconds
-    python vanilla_diffusion.py train --cond          # your own model (9 min on 2 CPU cores)
+    python vanilla_diffusion.py train --cond          # your own model (7–9 min on 2 CPU cores)
     python vanilla_diffusion.py evaluate              # judge it: label accuracy, Fréchet distance
     python vanilla_diffusion.py show                  # pictures of what it does at each step
     python vanilla_diffusion.py train --cond --vanilla --out-dir runs/vanilla   # exactly Part I

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Issue 33's quality round: each lever trained at the default's budget, one run at a time, then
+# judged at 10,000 samples. Run from the repository root; results are appended to
+# runs/quality/results.log. About 10 minutes a row on 2 CPU cores.
+set -euo pipefail
+DATA=${DATA:-../shared/data}
+OUT=runs/quality
+mkdir -p "$OUT"
+judge() {  # checkpoint folder, evaluate flags, name
+  echo "=== $3" >> "$OUT/results.log"
+  python vanilla_diffusion.py evaluate --ckpt "$1/ckpt.pt" --data-dir "$DATA" --per-label 1000 \
+    $2 | grep -v "^  " >> "$OUT/results.log"
+}
+lever() {  # name, train flags
+  /usr/bin/time -f "%e s wall" python vanilla_diffusion.py train --cond --data-dir "$DATA" \
+    --out-dir "$OUT/$1" --overwrite $2 2>&1 | tail -2 >> "$OUT/results.log"
+  judge "$OUT/$1" "--guidance-scales 1.5" "$1: $2"
+}
+mkdir -p "$OUT/shipped" && cp assets/models/conditional.pt "$OUT/shipped/ckpt.pt"
+judge "$OUT/shipped" "--guidance-scales 1.25,1.5,2.0" "shipped model, w"
+judge "$OUT/shipped" "--guidance-scales 1.5 --guidance-interval 0.1,0.8" "interval 0.1,0.8"
+judge "$OUT/shipped" "--guidance-scales 1.5 --guidance-interval 0.0,0.7" "interval 0,0.7"
+lever seed1 "--seed 1"
+lever beta2 "--adam-beta2 0.99"
+lever bs64 "--batch-size 64 --lr 6e-3"
+lever lsm1 "--logsnr-mean -1"
+judge "$OUT/lsm1" "--guidance-scales 1.5,1.75 --sigma-min 0.1" "lsm1 at sigma-min 0.1"
+lever lss3 "--logsnr-std 3"
+lever half "--max-steps 4687"
+lever double "--epochs 10"
+mkdir -p "$OUT/uncond" && cp assets/models/unconditional.pt "$OUT/uncond/ckpt.pt"
+judge "$OUT/uncond" "" "shipped unconditional model"
