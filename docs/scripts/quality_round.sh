@@ -9,7 +9,7 @@ mkdir -p "$OUT"
 judge() {  # checkpoint folder, evaluate flags, name
   echo "=== $3" >> "$OUT/results.log"
   python vanilla_diffusion.py evaluate --ckpt "$1/ckpt.pt" --data-dir "$DATA" --per-label 1000 \
-    $2 | grep -v "^  " >> "$OUT/results.log"
+    $2 | grep -v "^  [a-z]* step \|^  drew " >> "$OUT/results.log"  # not the progress lines
 }
 lever() {  # name, train flags
   /usr/bin/time -f "%e s wall" python vanilla_diffusion.py train --cond --data-dir "$DATA" \
@@ -25,6 +25,7 @@ lever beta2 "--adam-beta2 0.99"
 lever bs64 "--batch-size 64 --lr 6e-3"
 lever lsm1 "--logsnr-mean -1"
 judge "$OUT/lsm1" "--guidance-scales 1.5,1.75 --sigma-min 0.1" "lsm1 at sigma-min 0.1"
+lever lsm1s1 "--logsnr-mean -1 --seed 1"
 lever lss3 "--logsnr-std 3"
 lever half "--max-steps 4687"
 lever double "--epochs 10"
