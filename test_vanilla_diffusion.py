@@ -1104,20 +1104,17 @@ def lifted(*names):
 
 
 def free_globals(source):
-    """The global names a piece of source reads, by Python's own symbol tables, and those it
-    defines itself."""
+    """The global names a piece of source reads (builtins aside), by Python's symbol tables."""
     import builtins
     import symtable
     top = symtable.symtable(source, "section", "exec")
-    defined = {symbol.get_name() for symbol in top.get_symbols()
-               if symbol.is_assigned() or symbol.is_imported()}
     used, tables = set(), [top]
     while tables:
         table = tables.pop()
         used |= {symbol.get_name() for symbol in table.get_symbols() if symbol.is_referenced()
                  and (table is top or symbol.is_global())}
         tables += table.get_children()
-    return used - set(dir(builtins)), defined
+    return used - set(dir(builtins))
 
 
 def test_every_banner_names_what_its_copy_needs_transitively():
@@ -1142,11 +1139,11 @@ def test_each_section_runs_with_exactly_what_its_banner_names(name):
     sections = file_sections()
     _, source, refs, imports = sections[name]
     namespace = lifted(name)
-    used, _ = free_globals(source)
+    used = free_globals(source)
     unresolved = sorted(used - set(namespace))
     assert not unresolved, f"{name} reads {unresolved}, which its Needs: line does not name"
     for ref in refs:
-        assert not set(free_globals(sections[ref][1])[0]) - set(namespace), ref
+        assert not free_globals(sections[ref][1]) - set(namespace), ref
 
 
 @pytest.mark.parametrize("section, make_loop", [

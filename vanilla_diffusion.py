@@ -347,7 +347,7 @@ class DiT(nn.Module):
 #     the rest of the file runs without it).
 # ---------------------------------------------------------------------------------------------
 
-def load_mnist(data_dir, train=True, name="MNIST"):
+def load_dataset(data_dir, train=True, name="MNIST"):
     """Pixels [N, C, H, W] uint8, labels [N] and the class names of a torchvision data set
     (MNIST, or another of its names), downloaded into data_dir if missing."""
     from torchvision import datasets
@@ -435,7 +435,7 @@ def sample_ddpm_cfg(model, scheduler, labels, guidance_scale, shape, generator=N
 
 
 # Part I is complete. To train and sample with nothing else (a tiny model learns in minutes):
-#     pixels, labels, _ = load_mnist("data")
+#     pixels, labels, _ = load_dataset("data")
 #     scheduler, model = NoiseScheduler(), DiT(Config(cond=True))
 #     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 #     for step in range(5000):
@@ -1537,7 +1537,7 @@ class Clock:
 
 
 def progress_line(name):
-    """A progress(step, steps, loss) for II.0's fit_network: a line every few seconds, ETA."""
+    """A progress(step, steps, loss) for II.9's fit_network: a line every few seconds, ETA."""
     clock = None
 
     def progress(step, steps, loss):
@@ -1647,11 +1647,11 @@ class DataSet:
 
 
 def torchvision_set(name, data_dir, train, image_size):
-    """MNIST, Fashion-MNIST or CIFAR-10 from --data-dir by I.4's load_mnist, downloaded there if
-    missing."""
+    """MNIST, Fashion-MNIST or CIFAR-10 from --data-dir by I.4's load_dataset, downloaded there
+    if missing."""
     kind, folder = DATASETS[name]
     try:
-        pixels, labels, classes = load_mnist(data_dir, train, kind)
+        pixels, labels, classes = load_dataset(data_dir, train, kind)
     except Exception as error:  # no network, a proxy, a half-written file: say where we looked
         where = os.path.join(data_dir, *folder.split("/"))
         raise UserError(f"{kind} is not in {where} and could not be downloaded "
@@ -2311,16 +2311,15 @@ class Progress:
 def checked_step(model, optimizer, loss, step, lr, ckpt_path):
     """I.5's train_step, stopped before the weights move if the loss or the gradient is not
     finite: the run ends with one line, and the last checkpoint stays as it was."""
-    try:
-        if not torch.isfinite(loss):
-            raise FloatingPointError
-        train_step(model, optimizer, loss)
-    except (FloatingPointError, RuntimeError) as error:
-        if isinstance(error, RuntimeError) and "non-finite" not in str(error):
-            raise
-        raise UserError(f"training diverged at step {step}: the loss is {loss.item():.3g} at "
-                        f"learning rate {lr:.3g}; nothing was saved and {ckpt_path} (if any) "
-                        f"keeps the last good weights; try a smaller --lr") from None
+    if torch.isfinite(loss):
+        try:
+            return train_step(model, optimizer, loss)
+        except RuntimeError as error:  # clip_grad_norm_'s error_if_nonfinite, before the update
+            if "non-finite" not in str(error):
+                raise
+    raise UserError(f"training diverged at step {step}: the loss is {loss.item():.3g} at "
+                    f"learning rate {lr:.3g}; nothing was saved and {ckpt_path} (if any) "
+                    f"keeps the last good weights; try a smaller --lr")
 
 
 def end_of_epoch(run, config, scheduler, out_dir, seed, progress):
@@ -3733,9 +3732,8 @@ def noisy_classifier_for(args, scale, scheduler, config, data, device):
 
 def save_animation(frames, path, nrow, max_frames=60):
     """The denoising as a GIF: one grid per step (at most max_frames), the last held a second."""
-    pictures = [as_picture(frame, nrow, scale=1, pad_value=0) for frame in spread(frames,
-                                                                                  max_frames)]
-    save_gif(pictures, path)
+    frames = spread(frames, max_frames)
+    save_gif([as_picture(frame, nrow, scale=1, pad_value=0) for frame in frames], path)
 
 
 def load_init_image(path, config):
