@@ -2350,6 +2350,151 @@ def test_a_reflow_run_trains_from_its_teacher_and_samples_in_one_step(tiny_mnist
     assert not (tmp_path / "bad").exists()
 
 
+# ---------------------------------------------------------------------------------------------
+# II.18's consistency distillation, on Gaussian data, whose ODE map has a closed form: for
+# x0 ~ N(μ, s²) per pixel, E[ε | x_t] = √(1−ᾱ)·(x_t − √ᾱ·μ)/(ᾱ·s² + 1 − ᾱ), and the ODE keeps
+# each x_t's standard score, so its image is f*(x_t, t) = μ + s·(x_t − √ᾱ·μ)/√(ᾱ·s² + 1 − ᾱ).
+# ---------------------------------------------------------------------------------------------
+
+MU, S = 0.3, 0.5
+
+
+def gaussian_noise(scheduler, x_t, t):
+    """The exact E[ε | x_t] of Gaussian data."""
+    alpha_bar = vd.per_sample(scheduler.alpha_bar, t, x_t).double()
+    spread = alpha_bar * S**2 + 1 - alpha_bar
+    return ((1 - alpha_bar).sqrt() * (x_t - alpha_bar.sqrt() * MU) / spread).float()
+
+
+def gaussian_map(scheduler, x_t, t):
+    """f*(x_t, t): the exact image of x_t under the probability-flow ODE."""
+    alpha_bar = vd.per_sample(scheduler.alpha_bar, t, x_t).double()
+    spread = alpha_bar * S**2 + 1 - alpha_bar
+    return (MU + S * (x_t - alpha_bar.sqrt() * MU) / spread.sqrt()).float()
+
+
+def as_v_network(scheduler, f):
+    """A network whose consistency function is f: v = (√ᾱ·x_t − f)/√(1−ᾱ)."""
+    def network(x_t, t, labels=None):
+        alpha_bar = vd.per_sample(scheduler.alpha_bar, t, x_t)
+        return (alpha_bar.sqrt() * x_t - f(scheduler, x_t, t)) / (1 - alpha_bar).sqrt()
+    return network
+
+
+def test_one_evaluation_of_the_exact_consistency_function_is_the_whole_ode(scheduler):
+    x = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    f_net = as_v_network(scheduler, gaussian_map)
+    f = lambda x_t, t: vd.consistency_function(f_net, scheduler, "v", x_t, torch.full((64,), t))
+    one_step = f(x, T - 1)
+    close(one_step, gaussian_map(scheduler, x, T - 1), 1e-4)
+    denoise = lambda x_t, t: gaussian_noise(scheduler, x_t, t)
+    errors = {}
+    for steps in (250, T):                                           # DDIM with the exact ε
+        grid = torch.linspace(T - 1, 0, steps).round().long().tolist()
+        path = list(vd.ddim_sampler(denoise, scheduler, x, grid, clip_x0=False))
+        errors[steps] = (path[-1] - one_step).abs().max().item()
+    assert errors[T] < 0.01 and 3 < errors[250] / errors[T] < 5     # first order: error ∝ 1/n
+    for t_mid in (700, 300, 50):                                     # f is constant on the path
+        close(f(path[T - 2 - t_mid], t_mid), one_step, 0.01)        # path[k]: x at t = T−2−k
+
+
+def test_the_consistency_loss_singles_out_the_ode_map_and_shrinks_with_a_finer_grid(scheduler):
+    config = vd.Config(clip_x0=False)
+    x0 = MU + S * torch.randn(256, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    teacher = lambda x_t, t, labels: gaussian_noise(scheduler, x_t, t)
+    tweedie = lambda scheduler, x_t, t: vd.predict_x0(scheduler, x_t, t,
+                                                      gaussian_noise(scheduler, x_t, t))
+
+    def mean_loss(f, steps):
+        grid, generator = vd.consistency_grid(scheduler, steps), torch.Generator().manual_seed(2)
+        return torch.stack([vd.consistency_loss(as_v_network(scheduler, f), teacher, scheduler,
+                                                config, x0, None, grid, generator)[0].mean()
+                            for _ in range(40)]).mean().item()
+    exact_coarse, exact_fine = mean_loss(gaussian_map, 18), mean_loss(gaussian_map, 200)
+    assert exact_fine < exact_coarse / 3                             # DDIM's error, shrinking
+    assert mean_loss(tweedie, 18) > 3 * exact_coarse                 # E[x0 | x_t] is not it
+
+
+def test_one_consistency_step_is_ddims_jump_and_two_keep_the_data_distribution(scheduler):
+    x = torch.randn(4000, 1, 2, 2, generator=torch.Generator().manual_seed(3))
+    denoise = lambda x_t, t: torch.tanh(x_t) * 0.7                    # any ε-network
+    (jump,) = vd.ddim_sampler(denoise, scheduler, x, [T - 1])
+    (step,) = vd.consistency_sampler(denoise, scheduler, x, [T - 1])
+    close(step, jump, 1e-6)                                          # DDIM's one jump to x0
+    exact = lambda x_t, t: vd.noise_from_x0(scheduler, x_t, t, gaussian_map(scheduler, x_t, t))
+    samples = list(vd.consistency_sampler(exact, scheduler, x, [T - 1, 500], clip_x0=False,
+                                          generator=torch.Generator().manual_seed(4)))[-1]
+    n = samples.numel()
+    assert abs(samples.mean().item() - MU) < 4 * S / math.sqrt(n)     # a mean of n draws
+    assert abs(samples.std().item() - S) < 4 * S / math.sqrt(2 * n)   # and their spread
+
+
+def test_a_distilled_run_resumes_exactly_and_samples_in_one_and_two_steps(tiny_mnist, tmp_path):
+    teacher = train_tiny(tiny_mnist, tmp_path / "teacher", "--cond", steps=1)
+    distill = ["train", "--distill-from", teacher, "--data-dir", tiny_mnist, "--device", "cpu",
+               "--consistency-steps", "6"]
+    vd.main([*distill, "--max-steps", "2", "--out-dir", str(tmp_path / "cut")])
+    state, config = vd.load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"))
+    assert config.distill_from == teacher and config.sampler == "consistency"
+    assert config.guidance_scale == 1 and config.consistency_steps == 6
+    vd.main(["train", "--resume", "--max-steps", "3", "--data-dir", tiny_mnist, "--out-dir",
+             str(tmp_path / "cut")])
+    vd.main([*distill, "--max-steps", "3", "--out-dir", str(tmp_path / "whole")])
+    assert_same_state(torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True),
+                      torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=True))
+    for steps in ("1", "2"):
+        vd.main(["sample", "--ckpt", str(tmp_path / "whole" / "ckpt.pt"), "--steps", steps,
+                 "--label", "2", "--n", "4", "--output", str(tmp_path / f"{steps}.png")])
+        assert png_size(tmp_path / f"{steps}.png") == (62, 62)
+
+
+def test_a_distillation_refuses_a_teacher_or_flags_it_cannot_use(tiny_mnist, tmp_path, capsys):
+    flow = train_tiny(tiny_mnist, tmp_path / "flow", "--cond", "--objective", "flow", steps=1)
+    eps = train_tiny(tiny_mnist, tmp_path / "eps", "--cond", "--prediction", "eps", steps=1)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(open(eps, "rb").read()[:500])
+    for args, message in [([flow], "is a flow model"), ([eps], "predicts ε"),
+                          ([str(tmp_path / "none.pt")], "no checkpoint at"),
+                          ([str(truncated)], "not a readable VanillaDiffusion checkpoint"),
+                          ([eps, "--reflow-from", flow], "give one"),
+                          ([eps, "--objective", "flow"], "drop --objective")]:
+        expect_one_line_error(["train", "--out-dir", str(tmp_path / "bad"), "--data-dir",
+                               tiny_mnist, "--distill-from", *args], message, capsys)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_consistency_model_refuses_other_samplers_and_guidance(tiny_mnist, tmp_path, capsys):
+    teacher = train_tiny(tiny_mnist, tmp_path / "teacher", "--cond", steps=1)
+    student = str(tmp_path / "student" / "ckpt.pt")
+    vd.main(["train", "--distill-from", teacher, "--data-dir", tiny_mnist, "--max-steps", "1",
+             "--out-dir", str(tmp_path / "student"), "--device", "cpu"])
+    for args, message in [
+            (["sample", "--ckpt", teacher, "--sampler", "consistency"], "needs a consistency"),
+            (["sample", "--ckpt", student, "--sampler", "ddim"], "--sampler consistency, not"),
+            (["sample", "--ckpt", student, "--guidance-scale", "2"], "no ∅ branch"),
+            (["sample", "--ckpt", student, "--negative-label", "3", "--label", "1"],
+             "no ∅ branch"),
+            (["evaluate", "--ckpt", student, "--guidance-scales", "0,1"], "no ∅ branch"),
+            (["sample", "--ckpt", student, "--classifier-scale", "2"], "Part II sampler")]:
+        expect_one_line_error([*args, "--data-dir", tiny_mnist, *(
+            ["--output", str(tmp_path / "x.png")] if args[0] == "sample" else [])], message,
+            capsys)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_show_draws_a_consistency_model_beside_its_teacher(tiny_mnist, tmp_path, monkeypatch):
+    teacher = train_tiny(tiny_mnist, tmp_path / "teacher", "--cond", steps=1)
+    vd.main(["train", "--distill-from", teacher, "--data-dir", tiny_mnist, "--max-steps", "1",
+             "--out-dir", str(tmp_path / "student"), "--device", "cpu"])
+    row_names, sheet = [], vd.sheet
+    monkeypatch.setattr(vd, "sheet", lambda title, rows, **options: row_names.append(
+        [name for name, _ in rows]) or sheet(title, rows, **options))
+    vd.main(["show", "--ckpt", str(tmp_path / "student" / "ckpt.pt"), "--data-dir", tiny_mnist,
+             "--out-dir", str(tmp_path / "pictures"), "--device", "cpu"])
+    assert sorted(os.listdir(tmp_path / "pictures")) == SHOW_FILES
+    assert ["consistency", "teacher:\ndpm++2m-karras"] in row_names        # 4_few_steps.png
+
+
 def test_the_readme_counts_each_parts_lines_as_they_are():
     import re
     lines = open(os.path.join(HERE, "vanilla_diffusion.py"), encoding="utf-8").read().splitlines()

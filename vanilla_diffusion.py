@@ -15,9 +15,10 @@ DiT (Peebles & Xie 2023), I.4 MNIST, I.5 training (Algorithm 1), I.6 sampling wi
 conv stem, II.2 v- and x0-prediction, II.3 where t is drawn, II.4 EMA, II.5 guidance and the
 Denoiser, II.6 the clamped x0, II.7 DDIM, II.8 DPM-Solver++, II.9 classifier guidance, II.10
 rectified flow, II.11 the flow SDE, II.12 image-to-image, II.13 the σ view (WebUI's samplers),
-II.14 cosine, II.15 a UNet, II.16 latent diffusion, II.17 reflow. Each banner says what the
-section replaces, the idea and its paper, what it buys, and what a copy of it needs. Part III —
-the tool: data, sampling by name, checkpoints, the run (and torchrun), evaluate, show, the CLI.
+II.14 cosine, II.15 a UNet, II.16 latent diffusion, II.17 reflow, II.18 consistency distillation.
+Each banner says what the section replaces, the idea and its paper, what it buys, and what a copy
+of it needs. Part III — the tool: data, sampling by name, checkpoints, the run (and torchrun),
+evaluate, show, the CLI.
 
 Symbols used in the comments (paper → code):
     T                  → config.num_timesteps        t ∈ {0, …, T−1}, 0-based, indexes the tables
@@ -488,6 +489,8 @@ class Config(Config):
     latent_scale: float = 1.0       #   k, measured on the training data before the denoiser
     reflow_from: str = ""           # II.17 the flow checkpoint whose coupled pairs it learns
     pairs: int = 0                  #   how many (0: not a reflow)
+    distill_from: str = ""          # II.18 the checkpoint whose consistency function it learns
+    consistency_steps: int = 10     #   N, the steps of the distillation grid
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1491,6 +1494,87 @@ def coupled_pairs(denoise, noise, steps, num_timesteps):
     return x, gaps.mean(0)                                              # [B, C, H, W], [B]
 
 
+# ---------------------------------------------------------------------------------------------
+# II.18 Consistency distillation (Song et al. 2023, "Consistency Models", Algorithm 2): one step
+#   Replaces: the 15 evaluations of II.8's or II.13's ODE solvers by one, two or four
+#   (`train --distill-from`).
+#   Idea: the probability-flow ODE carries each x_t along one path to one image; a consistency
+#   function f(x_t, t) returns that image from any point of the path, so one evaluation at
+#   t = T−1 draws a sample. It is pinned down by self-consistency, f(x_t, t) = f(x_t', t') for two
+#   points of one path, and the boundary f(x, 0) = x. To learn it, noise a real image to x_t at a
+#   t = t_{n+1} of a grid 0 = t_0 < … < t_N = T−1 (Karras σ's, II.13), let one DDIM step (II.7)
+#   of the guided teacher carry it to x̂ at t_n on nearly the same path, and pull f_θ(x_t, t)
+#   towards f_θ(x̂, t_n) in squared distance, the target held without gradient (Song & Dhariwal
+#   2023 drop its EMA); at n = 0 the target is x̂ itself, the boundary, which anchors the rest.
+#   The student is the teacher's network, started from its weights and read as an image: for a
+#   v-network f = √ᾱ_t·x_t − √(1−ᾱ_t)·v_θ, Song et al.'s c_skip·x + c_out·F with c_skip = √ᾱ_t.
+#   Sampling (their Algorithm 1): x0 = f(x_{T−1}, T−1); each further step noises x0 back to a
+#   smaller t and applies f again.
+#   Buys: one evaluation draws a sharp digit where the teacher's one step is a blur (99.8% right,
+#   excess 32.5 at 10,000 samples), still 17× the default's 15 (README, "One step").
+#   Needs: I.1, I.2, I.5, II.0, II.2, II.5, II.6, II.7, II.13, `import copy`,
+#   `from dataclasses import dataclass`, `import math`. Drive it with II.5's Denoiser.
+# ---------------------------------------------------------------------------------------------
+
+def consistency_grid(scheduler, steps):
+    """The distillation grid 0 = t_0 < … < t_N = T−1: `steps` + 1 Karras σ's (II.13, ρ = 7)
+    from σ_{T−1} down to σ_0, each moved to its nearest timestep."""
+    sigma_0 = sigma_table(scheduler)[0].item()
+    return karras_timesteps(scheduler, steps + 1, scheduler.num_timesteps - 1, sigma_0)[::-1]
+
+
+def consistency_function(model, scheduler, prediction, x_t, t, labels=None):
+    """f_θ(x_t, t): the image the network's output implies, √ᾱ_t·x_t − √(1−ᾱ_t)·v_θ for a v-network
+    (an x0-network's output as it is). t: [B]."""
+    output = model(x_t, t, labels)
+    if prediction == "x0":
+        return output
+    sqrt_alpha_bar = per_sample(scheduler.sqrt_alpha_bar, t, x_t)
+    sqrt_one_minus_alpha_bar = per_sample(scheduler.sqrt_one_minus_alpha_bar, t, x_t)
+    return sqrt_alpha_bar * x_t - sqrt_one_minus_alpha_bar * output
+
+
+def consistency_loss(student, teacher, scheduler, config, x0, labels, grid, generator=None):
+    """Algorithm 2's loss on a batch at one step of the grid: each image's squared distance
+    ‖f_θ(x_t, t) − sg f_θ(x̂, t_n)‖² [B], and t/T [B]. teacher(x, t, labels) → the guided ε."""
+    B, device = x0.shape[0], x0.device
+    n = torch.randint(0, len(grid) - 1, (), device=device, generator=generator).item()
+    t, t_prev = grid[n + 1], grid[n]
+    t_batch, t_prev_batch = (torch.full((B,), k, device=device) for k in (t, t_prev))  # [B]
+    noise = torch.randn(x0.shape, device=device, generator=generator)
+    x_t, _ = scheduler.noise_image(x0, t, noise)                         # x_{t_{n+1}}
+    with torch.no_grad():
+        pred_noise = teacher(x_t, t, labels)                             # the teacher's ε
+        x_prev = ddim_step(scheduler, x_t, t, t_prev, pred_noise, clip_x0=config.clip_x0)
+        target = x_prev if t_prev == 0 else consistency_function(
+            student, scheduler, config.prediction, x_prev, t_prev_batch, labels)  # sg f_θ(x̂)
+    pred = consistency_function(student, scheduler, config.prediction, x_t, t_batch, labels)
+    distance = (pred - target).pow(2).mean(dim=(1, 2, 3))                # ‖f − sg f‖², per pixel
+    return distance, t_batch.float() / config.num_timesteps
+
+
+def guided_teacher(model, scheduler, config, guide=None):
+    """A trained checkpoint as teacher(x, t, labels) → its guided ε: II.5's Denoiser with the
+    checkpoint's own guidance."""
+    w = config.guidance_scale if config.cond else config.autoguidance_scale
+    interval = (config.guidance_low, config.guidance_high)
+    return lambda x, t, labels: Denoiser(model, scheduler, config, labels, w, None, interval,
+                                         guide)(x, t)
+
+
+def consistency_sampler(denoise, scheduler, x, timesteps, clip_x0=True, generator=None):
+    """Multistep consistency sampling (Algorithm 1) on the given timesteps, high first: f at the
+    first, then, at each next t, x0 noised back to x_t with fresh noise and f again. f(x, t) is
+    II.6's x0 of denoise(x, t) (a consistency model's, it is its f)."""
+    for k, t in enumerate(timesteps):
+        if k > 0:
+            x, _ = scheduler.noise_image(x, t, gaussian_like(x, generator))  # x_t from x0
+        x = predict_x0(scheduler, x, t, denoise(x, t))                   # f(x_t, t)
+        if clip_x0:
+            x = x.clamp(-1, 1)
+        yield x                                                         # x0
+
+
 # =============================================================================================
 # Part III — the tool. The lecture has ended: what follows is the program around it (the
 #   training run, checkpoints, sampling by name, evaluation, the command line). It teaches no
@@ -1812,7 +1896,8 @@ SAMPLERS = {"vanilla": "Part I's DDPM loop, all T steps", "ddpm": "DDPM, all T s
             "ddim": "DDIM", "dpm": "DPM++ 2M on the timestep grid, in λ (II.8)",
             "euler": "Euler (flow models: Euler on the flow)", "euler-a": "Euler a",
             "heun": "Heun", "dpm++2m": "DPM++ 2M", "dpm++2m-sde": "DPM++ 2M SDE",
-            **{f"{name}-karras": "the same on Karras σ" for name in SIGMA_SAMPLERS}}
+            **{f"{name}-karras": "the same on Karras σ" for name in SIGMA_SAMPLERS},
+            "consistency": "a distilled model's consistency sampling (II.18)"}
 
 
 @dataclass
@@ -1865,6 +1950,8 @@ def sampler_loop(denoise, scheduler, config, x, sampling, start_t, generator=Non
         return ddpm_sampler(denoise, scheduler, x, start_t, generator, config.clip_x0,
                             mean_shift, sampling.variance)
     timesteps = sampler_timesteps(sampling, scheduler, start_t)
+    if name == "consistency":
+        return consistency_sampler(denoise, scheduler, x, timesteps, config.clip_x0, generator)
     if name == "ddim":
         return ddim_sampler(denoise, scheduler, x, timesteps, config.clip_x0,
                             sampling.eta or 0.0, generator)
@@ -1897,6 +1984,12 @@ def sampler_and_steps(config, sampler=None, steps=None):
     if flow and sampler != "euler":
         raise UserError(f"this checkpoint was trained with --objective flow; it samples with "
                         f"--sampler euler (with --sde-noise: the flow SDE), not {sampler}")
+    if config.distill_from and sampler != "consistency":
+        raise UserError(f"this checkpoint is a consistency model (train --distill-from); it "
+                        f"samples with --sampler consistency, not {sampler}")
+    if sampler == "consistency" and not config.distill_from:
+        raise UserError("--sampler consistency needs a consistency model (train --distill-from "
+                        "CKPT); this checkpoint is an ordinary diffusion model")
     if sampler == "vanilla" and config.prediction != "eps":
         raise UserError(f"--sampler vanilla (Part I's loop) needs a network that predicts ε; "
                         f"this one predicts {config.prediction}: use --sampler ddpm")
@@ -2161,11 +2254,15 @@ def load_model(path, device):
 #     stop at once if the loss diverges.
 # ---------------------------------------------------------------------------------------------
 
-def training_loss(model, scheduler, x0, labels, config, generator=None, noise=None):
+def training_loss(model, scheduler, x0, labels, config, generator=None, noise=None,
+                  teacher=None):
     """The loss the config asks for: per image [B], and each image's noise level in [0, 1) [B].
-    --vanilla: I.5's ddpm_loss; otherwise II.3's denoising_loss, or II.10's flow loss (on
-    II.17's coupled noise, if given)."""
+    --vanilla: I.5's ddpm_loss; otherwise II.3's denoising_loss, II.10's flow loss (on II.17's
+    coupled noise, if given), or II.18's consistency loss against the teacher."""
     labels = labels if config.cond else None  # the unconditional model never sees a label
+    if config.distill_from:
+        grid = consistency_grid(scheduler, config.consistency_steps)
+        return consistency_loss(model, teacher, scheduler, config, x0, labels, grid, generator)
     if config.vanilla:
         per_image, t = ddpm_loss(model, scheduler, x0, labels, config.label_drop, generator)
         return per_image, t.float() / config.num_timesteps
@@ -2393,26 +2490,26 @@ def agree(loss, stop, world, device):
     return agreed[0].item(), agreed[1].item() > 0
 
 
-def optimizer_step(run, network, share, scheduler, config, batch, lr, ckpt_path):
+def optimizer_step(run, network, share, scheduler, config, batch, lr, ckpt_path, teacher=None):
     """I.5's train_step on this process's share of the batch (pixels, labels, and II.17's
     coupled noise or None), stopped before a bad update: each image's loss [B] and noise
-    level [B], and the share's mean loss."""
+    level [B], and the share's mean loss. teacher: II.18's, for a distillation."""
     pixels, labels, noise = batch
     x0 = as_x0(pixels)
     if config.latent:  # II.16: the denoiser learns the VAE's latents
         with torch.no_grad():
             x0 = run.model.encode(x0)
     per_image, noise_level = training_loss(network, scheduler, x0, labels, config,
-                                           run.generator, noise)
+                                           run.generator, noise, teacher)
     loss = per_image[share].mean()
     checked_step(run.model, run.optimizer, loss, run.step, lr, ckpt_path)
     return per_image, noise_level, loss
 
 
 def train(config, data, *, out_dir, total_steps, seed=0, checkpoint=None, rank=0, world=1,
-          initial=None):
+          initial=None, teacher=None):
     """Algorithm 1 for total_steps on data (Images: uint8 pixels, or II.17's pairs) from seed, or
-    `initial` weights; the Run (short of total_steps after a Ctrl-C). Rank 0 keeps the EMA."""
+    `initial` weights (and II.18's teacher); the Run (short after a Ctrl-C). Rank 0: the EMA."""
     device, ckpt_path, main = data.pixels.device, os.path.join(out_dir, "ckpt.pt"), rank == 0
     run, scheduler = start_run(config, device, seed, checkpoint, ckpt_path, initial)
     (network, share), stop = shared_network(run.model, config.batch_size, rank, world), False
@@ -2427,8 +2524,8 @@ def train(config, data, *, out_dir, total_steps, seed=0, checkpoint=None, rank=0
             lr = set_learning_rate(run.optimizer, learning_rate(run.step, total_steps, config))
 
             # forward, backward, update (I.5's train_step, with a stop before a bad update)
-            per_image, noise_level, loss = optimizer_step(
-                run, network, share, scheduler, config, data.take(batch), lr, ckpt_path)
+            per_image, noise_level, loss = optimizer_step(run, network, share, scheduler, config,
+                                                          data.take(batch), lr, ckpt_path, teacher)
 
             # the exponential moving average of the weights (and the guide of autoguidance)
             if main:
@@ -2754,8 +2851,9 @@ def sampler_rows(model, scheduler, config, labels, guidance_scale, guide, noise,
     T as the reference (its own row of one). {name: [images [B, C, H, W], ...]}"""
     flow = config.objective == "flow"
     names = ["euler"] if flow else ["ddim", "dpm", *SHOW_SIGMA_SAMPLERS]
+    names = ["consistency"] if config.distill_from else names
     steps = {name: evaluations for name in names}
-    if not flow:
+    if not flow and not config.distill_from:
         steps["ddpm"] = [config.num_timesteps]
     return {name: [generate(model, scheduler, config, labels, shape=noise.shape,
                             guidance_scale=guidance_scale, sampler=name, steps=count,
@@ -2978,6 +3076,19 @@ def draw_where_the_label_acts(scene):
                        "3_where_the_label_acts.png")]
 
 
+def teacher_row(scene, noise):
+    """A consistency model's teacher (II.18) from the same noise, with its own sampler at
+    each number of evaluations: {name: [images, ...]}."""
+    device = next(scene.model.parameters()).device
+    model, scheduler, config, guide, _ = load_model(scene.config.distill_from, device)
+    sampler = sampler_and_steps(config)[0]
+    return {f"teacher:\n{sampler}": [
+        generate(model, scheduler, config, scene.sample_labels(3), shape=noise.shape,
+                 guidance_scale=default_guidance_scale(config), sampler=sampler, steps=count,
+                 guide=guide, noise=noise, generator=torch.Generator().manual_seed(0))
+        for count in SHOW_EVALUATIONS]}
+
+
 def draw_few_steps(scene):
     """Picture 4: from one noise, each sampler at 1 … 50 network evaluations, and DDPM over
     all T steps as the reference."""
@@ -2986,13 +3097,17 @@ def draw_few_steps(scene):
     images = sampler_rows(scene.model, scene.scheduler, scene.config, scene.sample_labels(3),
                           default_guidance_scale(scene.config), scene.guide, noise,
                           SHOW_EVALUATIONS)
+    if scene.config.distill_from and os.path.isfile(scene.config.distill_from):
+        images.update(teacher_row(scene, noise))
     rows = []
     for name, row in images.items():
         grid = torch.stack(row, dim=1).flatten(0, 1)                # sample-major: a row each
         label = f"ddpm, all {scene.config.num_timesteps}" if name == "ddpm" else name
         rows.append((label, as_picture(grid, len(row))))
+    reference = ("its teacher with the teacher's sampler" if scene.config.distill_from
+                 else "DDPM over all T steps")
     title = ("Why few steps are enough: from one noise per row, each sampler at more and more\n"
-             "network evaluations, and DDPM over all T steps")
+             f"network evaluations, and {reference}")
     return scene.save(sheet(title, rows, margin=140, size=scene.size,
                             columns=[f"{count} evals" for count in SHOW_EVALUATIONS]),
                       "4_few_steps.png")
@@ -3051,6 +3166,7 @@ def draw_the_latents(scene, images):
 # share of confident samples (86.0% → 84.0%), the unconditional model's target.
 UNCONDITIONAL_DEFAULTS = {"patch_size": 7, "heads": 4, "adam_beta2": 0.99, "epochs": 14,
                           "sampler": "dpm"}
+DISTILLATION_LR = 2e-4  # II.18 fine-tunes a trained network: the default 4e-3 collapses it
 
 
 def checked(parse, wants, accept=lambda value: True):
@@ -3122,8 +3238,9 @@ def add_train_flags(parser, defaults=Config()):
              "set's own size; a folder's smallest picture, at most 64)")
     add("--batch-size", type=positive_int, default=defaults.batch_size,
         help="images per step (under torchrun: of all processes together)")
-    add("--lr", type=number_in(0, 1, low_open=True), default=defaults.lr,
-        help="peak learning rate, in (0, 1]")
+    add("--lr", type=number_in(0, 1, low_open=True), default=None,
+        help=f"peak learning rate, in (0, 1] (default: {defaults.lr:g}; II.18's distillation, "
+             f"which starts from trained weights: {DISTILLATION_LR:g})")
     add("--label-drop", type=number_in(0, 1, high_open=True), default=defaults.label_drop,
         help="probability of replacing a label with ∅, in [0, 1)")
     add("--warmup-steps", type=nonnegative_int, default=defaults.warmup_steps)
@@ -3173,6 +3290,12 @@ def add_backbone_flags(parser, defaults=Config()):
              "starting from its weights (its config; --epochs counts passes over the pairs)")
     add("--pairs", type=positive_int, default=20_000,
         help="II.17 how many pairs the teacher draws, cached in --out-dir (default: 20000)")
+    add("--distill-from", default=None, metavar="CKPT",
+        help="II.18 consistency distillation: learn the one-step map of this DDPM checkpoint "
+             "(v or x0), from its weights and config (--epochs, --lr, --batch-size apply)")
+    add("--consistency-steps", type=positive_int, default=defaults.consistency_steps,
+        help=f"II.18 N, the steps of the distillation grid (default: "
+             f"{defaults.consistency_steps})")
     add("--arch", choices=["dit", "unet"], default=None,
         help="II.15 the network: the DiT of I.3 (with II.1's stem) or a UNet (default: dit)")
     add("--unet-channels", type=positive_int, default=None,
@@ -3406,7 +3529,8 @@ def config_from_flags(args):
     kind_defaults = Config() if args.cond else replace(Config(), **UNCONDITIONAL_DEFAULTS)
     per_kind = {name: getattr(args, name) for name in UNCONDITIONAL_DEFAULTS
                 if getattr(args, name, None) is not None}
-    defaults = replace(kind_defaults, cond=args.cond, batch_size=args.batch_size, lr=args.lr,
+    defaults = replace(kind_defaults, cond=args.cond, batch_size=args.batch_size,
+                       lr=args.lr or kind_defaults.lr,
                        label_drop=args.label_drop, warmup_steps=args.warmup_steps,
                        width=args.width, depth=args.depth, **per_kind)
     if args.vanilla:
@@ -3430,6 +3554,13 @@ def prepare_training(args, device, ckpt_path):
     if args.resume and args.overwrite:
         raise UserError("--resume continues the run in --out-dir and --overwrite starts over "
                         "there; give one of the two")
+    if args.reflow_from and args.distill_from:
+        raise UserError("--reflow-from and --distill-from each start from a teacher; give one")
+    shaping = [name for name in ("vanilla", *UPGRADE_FLAGS)
+               if getattr(args, name) not in (None, False)]
+    if (args.reflow_from or args.distill_from) and shaping:
+        raise UserError(f"a student takes its teacher's config; drop "
+                        f"--{shaping[0].replace('_', '-')}")
     if args.resume:
         checkpoint, config = load_checkpoint(ckpt_path, device)
         if checkpoint.get("shipped"):
@@ -3574,29 +3705,65 @@ def drawn_pairs(teacher, count, out_dir, seed, chunk=500):
     return Images(pairs["images"], pairs["labels"], config.class_names, pairs["noise"])
 
 
+def distillation_teacher(path, device):
+    """II.18's teacher, loaded: a DDPM checkpoint whose network reads as an image (v or x0)."""
+    teacher = load_model(path, device)
+    config, wrong = teacher.config, ""
+    if config.objective == "flow":
+        wrong = "is a flow model (reflow straightens a flow: --reflow-from)"
+    elif config.distill_from:
+        wrong = "is a consistency model already"
+    elif config.prediction == "eps":
+        wrong = ("predicts ε, whose image (x_t − √(1−ᾱ)·ε)/√ᾱ divides by √ᾱ ≈ 0.006 at "
+                 "t = T−1; train it with --prediction v (the default)")
+    if wrong:
+        raise UserError(f"--distill-from {path}: consistency distillation needs a DDPM "
+                        f"teacher that predicts v or x0, and this checkpoint {wrong}")
+    return teacher
+
+
+def distilled(config, args):
+    """A student's config: its teacher's, sampled by II.18's consistency sampling, one pass."""
+    return replace(config, distill_from=os.path.abspath(args.distill_from),
+                   lr=args.lr or DISTILLATION_LR, batch_size=args.batch_size,
+                   consistency_steps=args.consistency_steps, epochs=args.epochs or config.epochs,
+                   sampler="consistency", sample_steps=1, guidance_scale=1.0,
+                   autoguidance_scale=1.0, guide_at=0.0)
+
+
 def training_set(args, config, checkpoint, seed, device):
     """What a run trains on, found and checked but not decoded: the config with its data, the
-    DataSet, and the weights a new run starts from (a reflow: its teacher's; else None)."""
+    DataSet, the weights a new run starts from (a reflow's or a distillation's: its teacher's;
+    else None) and II.18's teacher(x, t, labels) (or None)."""
     if checkpoint is None and args.reflow_from:  # II.17: the teacher's config and its pairs
         teacher, found = pairs_set(args.reflow_from, args.pairs, args.out_dir, seed, device)
         epochs = args.epochs or teacher.config.epochs
         config = replace(teacher.config, reflow_from=os.path.abspath(args.reflow_from),
                          pairs=args.pairs, epochs=epochs)
-        return config, found, teacher.model.state_dict()
-    if checkpoint is None:  # a new run: the data decides the image's shape and the classes
+        return config, found, teacher.model.state_dict(), None
+    if checkpoint is None and args.distill_from:  # II.18: the teacher's config and data
+        teacher = distillation_teacher(args.distill_from, device)
+        config, initial = distilled(teacher.config, args), teacher.model.state_dict()
+    elif checkpoint is None:  # a new run: the data decides the image's shape and the classes
         found = find_data(args.data or "mnist", args.data_dir, True, args.image_size)
-        return data_config(config, found, args.cond), found, None
-    if config.pairs:  # a reflow resumed: its pairs are cached in --out-dir
+        return data_config(config, found, args.cond), found, None, None
+    elif config.pairs:  # a reflow resumed: its pairs are cached in --out-dir
         return config, pairs_set(config.reflow_from, config.pairs, args.out_dir, seed,
-                                 device)[1], None
-    return config, checked_data(config, args.data, args.data_dir, True), None
+                                 device)[1], None, None
+    elif config.distill_from:  # a distillation resumed: its teacher again
+        teacher, initial = distillation_teacher(config.distill_from, device), None
+    found = checked_data(config, args.data, args.data_dir, True)
+    if not config.distill_from:
+        return config, found, None, None
+    model, scheduler, teacher_config, guide, _ = teacher
+    return config, found, initial, guided_teacher(model, scheduler, teacher_config, guide)
 
 
 def command_train(args):
     device = process_device(pick_device(args.device))
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     config, checkpoint, seed = prepare_training(args, device, ckpt_path)
-    config, found, initial = training_set(args, config, checkpoint, seed, device)
+    config, found, initial, teacher = training_set(args, config, checkpoint, seed, device)
     check_model_shape(config)
     check_writable_folder(args.out_dir, "--out-dir")
     if config.batch_size > found.count:
@@ -3604,7 +3771,7 @@ def command_train(args):
                         f"{found.count} training images")
     start_processes(device, config.batch_size)
     images = found.decode()
-    if config.latent and checkpoint is None:  # stage one: the VAE, and its latents' scale
+    if config.latent and checkpoint is None and initial is None:  # stage one: VAE, its scale
         vae, scale = trained_vae(config, images.pixels.to(device), args.out_dir)
         initial = {f"vae.{name}": value for name, value in vae.items()}
         config = replace(config, latent_scale=scale)
@@ -3613,7 +3780,8 @@ def command_train(args):
     rank, world = distributed()
     started = time.time()
     run = train(config, images.to(device), out_dir=args.out_dir, total_steps=total_steps,
-                seed=seed, checkpoint=checkpoint, rank=rank, world=world, initial=initial)
+                seed=seed, checkpoint=checkpoint, rank=rank, world=world, initial=initial,
+                teacher=teacher)
     finish_processes()
     if run.step < total_steps:
         print(f"\ninterrupted at step {run.step}; saved {ckpt_path} (continue with --resume)")
@@ -3644,13 +3812,20 @@ def sample_labels(args, config, device):
     return torch.full((args.n,), args.label, device=device), math.ceil(math.sqrt(args.n))
 
 
+def check_distilled_guidance(config, scales, negative_label=None):
+    """A consistency model (II.18) has its teacher's guidance built in: w = 1, one pass."""
+    if config.distill_from and (any(w != 1 for w in scales or []) or negative_label is not None):
+        raise UserError("a consistency model learnt its teacher's guided map, and has no ∅ "
+                        "branch of its own: drop --guidance-scale(s) and --negative-label")
+
+
 def check_classifier_guidance(flag, config, samplers):
     """II.9 steers a DDPM checkpoint's Part II samplers: its classifier reads noise_image's x_t
     (not a flow model's x_s), and Part I's loop takes no guide but CFG."""
-    if config.objective == "flow" or config.latent or "vanilla" in samplers:
+    if config.objective == "flow" or config.latent or {"vanilla", "consistency"} & set(samplers):
         raise UserError(f"{flag} needs a DDPM checkpoint in pixels and a Part II sampler (its "
                         f"classifier reads noise_image's x_t of pixels, not a flow model's x_s "
-                        f"nor a latent; vanilla takes none)")
+                        f"nor a latent; vanilla and consistency take none)")
 
 
 NOISY_SAMPLERS = ("ddim", "euler-a", "euler-a-karras", "dpm++2m-sde", "dpm++2m-sde-karras")
@@ -3695,6 +3870,7 @@ def check_sample_flags(args, config, sampler):
         raise UserError("several --guidance-scale values draw one row per scale; "
                         "give a --label too")
     check_sampler_options(args, config, [sampler])
+    check_distilled_guidance(config, args.guidance_scale, args.negative_label)
     part_two = {"--negative-label": args.negative_label is not None, "--gif": args.gif,
                 "--init-image": args.init_image, "--guidance-interval": args.guidance_interval}
     for flag, given in part_two.items():
@@ -3816,6 +3992,7 @@ def command_evaluate(args):
     model, scheduler, config, guide, state = load_model(args.ckpt, device)
     settings = parse_sampler_settings(args.samplers, config)
     check_sampler_options(args, config, [name for name, _ in settings])
+    check_distilled_guidance(config, args.guidance_scales)
     if args.classifier_scales:
         check_classifier_guidance("--classifier-scales", config, [name for name, _ in settings])
     data = args.data or config.data
@@ -3833,7 +4010,9 @@ def command_evaluate(args):
     if config.objective == "flow":
         print_straightness(model, scheduler, config, guide, args.seed)
     scales = args.guidance_scales or [0.0, 1.0, 2.0, 3.0, 5.0]
-    if not config.cond:  # w = 1: the model alone; then autoguidance, if there is a guide
+    if config.distill_from:
+        scales = [1.0]
+    elif not config.cond:  # w = 1: the model alone; then autoguidance, if there is a guide
         scales = args.guidance_scales or [1.0] + ([config.autoguidance_scale] if guide else [])
     print(f"checkpoint {args.ckpt}: step {state['step']}, objective {config.objective}; "
           f"{args.per_label * config.num_classes} samples per setting; guidance where t/(T−1) ∈ "
