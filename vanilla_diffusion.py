@@ -1536,7 +1536,8 @@ def consistency_function(model, scheduler, prediction, x_t, t, labels=None):
 
 def consistency_loss(student, teacher, scheduler, config, x0, labels, grid, generator=None):
     """Algorithm 2's loss on a batch at one step of the grid: each image's squared distance
-    ‖f_θ(x_t, t) − sg f_θ(x̂, t_n)‖² [B], and t/T [B]. teacher(x, t, labels) → the guided ε."""
+    ‖f_θ(x_t, t) − sg f_θ(x̂, t_n)‖², averaged over its pixels [B], and t/T [B].
+    teacher(x, t, labels) → the guided ε."""
     B, device = x0.shape[0], x0.device
     n = torch.randint(0, len(grid) - 1, (), device=device, generator=generator).item()
     t, t_prev = grid[n + 1], grid[n]
@@ -1549,7 +1550,7 @@ def consistency_loss(student, teacher, scheduler, config, x0, labels, grid, gene
         target = x_prev if t_prev == 0 else consistency_function(
             student, scheduler, config.prediction, x_prev, t_prev_batch, labels)  # sg f_θ(x̂)
     pred = consistency_function(student, scheduler, config.prediction, x_t, t_batch, labels)
-    distance = (pred - target).pow(2).mean(dim=(1, 2, 3))                # ‖f − sg f‖², per pixel
+    distance = (pred - target).pow(2).mean(dim=(1, 2, 3))                # ‖f − sg f‖² / pixels
     return distance, t_batch.float() / config.num_timesteps
 
 
@@ -1565,7 +1566,7 @@ def guided_teacher(model, scheduler, config, guide=None):
 def consistency_sampler(denoise, scheduler, x, timesteps, clip_x0=True, generator=None):
     """Multistep consistency sampling (Algorithm 1) on the given timesteps, high first: f at the
     first, then, at each next t, x0 noised back to x_t with fresh noise and f again. f(x, t) is
-    II.6's x0 of denoise(x, t) (a consistency model's, it is its f)."""
+    II.6's x0 of denoise(x, t): for a consistency model, the same f as consistency_function's."""
     for k, t in enumerate(timesteps):
         if k > 0:
             x, _ = scheduler.noise_image(x, t, gaussian_like(x, generator))  # x_t from x0
@@ -2849,11 +2850,12 @@ def label_attention(model, x_t, t, labels):
 def sampler_rows(model, scheduler, config, labels, guidance_scale, guide, noise, evaluations):
     """From one noise: each sampler at each number of network evaluations, and DDPM over all
     T as the reference (its own row of one). {name: [images [B, C, H, W], ...]}"""
-    flow = config.objective == "flow"
-    names = ["euler"] if flow else ["ddim", "dpm", *SHOW_SIGMA_SAMPLERS]
-    names = ["consistency"] if config.distill_from else names
-    steps = {name: evaluations for name in names}
-    if not flow and not config.distill_from:
+    if config.distill_from:  # II.18: its own sampler only (draw_few_steps adds the teacher)
+        steps = {"consistency": evaluations}
+    elif config.objective == "flow":
+        steps = {"euler": evaluations}
+    else:
+        steps = {name: evaluations for name in ["ddim", "dpm", *SHOW_SIGMA_SAMPLERS]}
         steps["ddpm"] = [config.num_timesteps]
     return {name: [generate(model, scheduler, config, labels, shape=noise.shape,
                             guidance_scale=guidance_scale, sampler=name, steps=count,
@@ -3091,7 +3093,7 @@ def teacher_row(scene, noise):
 
 def draw_few_steps(scene):
     """Picture 4: from one noise, each sampler at 1 … 50 network evaluations, and DDPM over
-    all T steps as the reference."""
+    all T steps as the reference (a consistency model: its teacher with its own sampler)."""
     noise = gaussian_like(torch.empty(image_shape(scene.config, 3)),
                           torch.Generator().manual_seed(scene.seed))
     images = sampler_rows(scene.model, scene.scheduler, scene.config, scene.sample_labels(3),
