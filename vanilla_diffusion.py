@@ -1,5 +1,4 @@
-"""VanillaDiffusion: diffusion in one file, on MNIST or your own pictures; a lecture in three
-parts that runs.
+"""VanillaDiffusion: diffusion in one file, on MNIST or your own pictures; a lecture that runs.
 
 Start here: two trained models ship in assets/models/, so the first command draws at once.
     python vanilla_diffusion.py sample --label 4      # sixteen 4s into samples.png, in seconds
@@ -48,6 +47,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
+import torch.distributed as dist  # Part III: torchrun's processes
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -1860,11 +1860,6 @@ def checked_data(config, data=None, data_dir="data", train=True):
     return found
 
 
-def load_images(config, data=None, data_dir="data", train=True, device="cpu"):
-    """checked_data's images, decoded onto `device`."""
-    return checked_data(config, data, data_dir, train).decode().to(device)
-
-
 # ---------------------------------------------------------------------------------------------
 # III.3 Sampling by name: the samplers of Parts I and II behind one function, generate()
 # ---------------------------------------------------------------------------------------------
@@ -2458,7 +2453,6 @@ def trained_vae(config, images, out_dir, epochs=2):
         train_vae(vae, images, epochs, progress_line("VAE"))
         durable_save({"vae": vae.state_dict(), "scale": latent_scale(vae, images)}, path)
     if world > 1:
-        import torch.distributed as dist
         dist.barrier()  # rank 0 has written it
     try:
         cached = torch.load(path, map_location=images.device, weights_only=True)
@@ -2485,7 +2479,6 @@ def agree(loss, stop, world, device):
     stop after the same step)."""
     if world == 1:
         return loss, stop
-    import torch.distributed as dist
     agreed = torch.tensor([loss / world, float(stop)], device=device)
     dist.all_reduce(agreed)
     return agreed[0].item(), agreed[1].item() > 0
@@ -2691,43 +2684,24 @@ def judge_samples(classifier, samples, labels, test_features, names, floor=0.0):
                    worst=f"{names[worst]}: {per_class[worst]:.0%}")
     else:
         row["confident"] = (probabilities.max(dim=1).values >= 0.9).float().mean().item()
-        row["shares"] = (torch.bincount(predicted.cpu(), minlength=len(names)) / len(samples))
+        shares = torch.bincount(predicted.cpu(), minlength=len(names)) / len(samples)
+        row["shares"] = " ".join(f"{share:.0%}" for share in shares.tolist())
     return row
 
 
-# The evaluation table's columns: (header, width, format of the value); the setting's first
-SETTING_COLUMNS = [("sampler", 18, ""), ("evals", 5, ""), ("w", 5, "g")]
-LABELLED_COLUMNS = [("accuracy", 9, ".1%"), ("worst class", 14, ""), ("distance", 9, ".2f"),
-                    ("-floor", 7, ".2f"), ("faint", 6, ".1%"), ("s/image", 8, ".2g")]
-UNLABELLED_COLUMNS = [("distance", 9, ".2f"), ("-floor", 7, ".2f"), ("faint", 6, ".1%"),
-                      ("confident", 10, ".1%"), ("s/image", 8, ".2g")]
+# The evaluation table's columns: (header, width, format, key in the row)
+SETTING_COLUMNS = [("sampler", 18, "", "sampler"), ("evals", 5, "", "evals"), ("w", 5, "g", "w")]
+CLASS_COLUMNS = [("accuracy", 9, ".1%", "accuracy"), ("worst class", 14, "", "worst")]
+DISTANCE_COLUMNS = [("distance", 9, ".2f", "distance"), ("-floor", 7, ".2f", "excess"),
+                    ("faint", 6, ".1%", "faint")]
 
 
-def table_line(columns, values):
-    """One line of the table: each value (or header) right-aligned in its column's width."""
-    return " ".join(f"{value:>{width}{form}}" for (_, width, form), value in zip(columns, values))
-
-
-def table_columns(labelled, classifier_guided):
-    setting = SETTING_COLUMNS + ([("s", 4, "g")] if classifier_guided else [])
-    return setting + (LABELLED_COLUMNS if labelled else UNLABELLED_COLUMNS)
-
-
-def print_header(columns, labelled):
-    tail = "" if labelled else "  share of each predicted class"
-    print(" ".join(f"{name:>{width}}" for name, width, _ in columns) + tail)
-
-
-def print_row(columns, setting, row, seconds):
-    """setting: the values of the sampler, steps, w (and s) columns."""
-    if "accuracy" in row:
-        values = [row["accuracy"], row["worst"], row["distance"], row["excess"], row["faint"],
-                  seconds]
-        print(table_line(columns, [*setting, *values]), flush=True)
-    else:
-        values = [row["distance"], row["excess"], row["faint"], row["confident"], seconds]
-        shares = " ".join(f"{share:.0%}" for share in row["shares"].tolist())
-        print(f"{table_line(columns, [*setting, *values])}  {shares}", flush=True)
+def print_row(columns, row=None, tail=""):
+    """One line of the table: each value of the row right-aligned in its column (no row: the
+    headers), then the tail."""
+    cells = [f"{name:>{width}}" if row is None else f"{row[key]:>{width}{form}}"
+             for name, width, form, key in columns]
+    print(" ".join(cells) + (f"  {tail}" if tail else ""), flush=True)
 
 
 def real_data_reference(classifier, train_images, test_images, count, seed):
@@ -2766,8 +2740,10 @@ def evaluate(model, scheduler, config, classifier, data, *, settings, guidance_s
     labels = None
     if config.cond or classifier_scales:  # per_label of each class, in order
         labels = torch.arange(len(names), device=device).repeat_interleave(per_label)
-    columns = table_columns(labels is not None, classifier_scales is not None)
-    print_header(columns, labels is not None)
+    columns = SETTING_COLUMNS + ([("s", 4, "g", "s")] if classifier_scales else []) + (
+        CLASS_COLUMNS + DISTANCE_COLUMNS if labels is not None else DISTANCE_COLUMNS + [
+            ("confident", 10, ".1%", "confident")]) + [("s/image", 8, ".2g", "seconds")]
+    print_row(columns, tail="" if labels is not None else "share of each predicted class")
     for (sampler, steps), w, s in itertools.product(settings, guidance_scales,
                                                      classifier_scales or [0.0]):
         started = time.time()
@@ -2776,11 +2752,10 @@ def evaluate(model, scheduler, config, classifier, data, *, settings, guidance_s
                                   guidance_interval=guidance_interval, guide=guide,
                                   classifier=noisy_classifier, classifier_scale=s,
                                   generator=torch.Generator().manual_seed(seed), **(options or {}))
-        seconds = (time.time() - started) / count
-        setting = [sampler, network_evaluations(sampler, steps), w] + (
-            [s] if classifier_scales else [])
         row = judge_samples(classifier, samples, labels, test_features, names, floor)
-        print_row(columns, setting, row, seconds)
+        row.update(sampler=sampler, evals=network_evaluations(sampler, steps), w=w, s=s,
+                   seconds=(time.time() - started) / count)
+        print_row(columns, row, row.get("shares", ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3578,10 +3553,6 @@ def prepare_training(args, device, ckpt_path):
     return config_from_flags(args), None, args.seed
 
 
-def count_parameters(model):
-    return sum(p.numel() for p in model.parameters())
-
-
 def data_config(config, found, cond):
     """A new run's config with the data it trains on: the set, its size, channels, classes."""
     if cond and not found.class_names and found.data != "mnist":
@@ -3619,7 +3590,6 @@ def start_processes(device, batch_size):
     if batch_size % world:
         raise UserError(f"--batch-size {batch_size} is the batch of all {world} processes "
                         f"together, so it must divide by {world}")
-    import torch.distributed as dist
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if rank:
         sys.stdout = open(os.devnull, "w")
@@ -3632,7 +3602,7 @@ def print_run_header(config, count, total_steps, device):
     network = network.network if config.latent else network  # II.16: the denoiser inside
     kind += f" {type(network).__name__.replace('Conv', '')}"
     kind += " on the VAE's latents" if config.latent else ""
-    size = count_parameters(network) / 1e6
+    size = sum(p.numel() for p in network.parameters()) / 1e6
     world = distributed()[1]
     where = f"{world} processes on {device.split(':')[0]}" if world > 1 else device
     S = config.image_size
@@ -3644,7 +3614,6 @@ def print_run_header(config, count, total_steps, device):
 def finish_processes():
     """Under torchrun: wait until rank 0 has saved, then leave the process group."""
     if distributed()[1] > 1:
-        import torch.distributed as dist
         dist.barrier()
         dist.destroy_process_group()
 
@@ -3701,7 +3670,6 @@ def drawn_pairs(teacher, count, out_dir, seed, chunk=500):
             clock.say(pairs["done"], f"  pairs {pairs['done']:,}/{count:,}, the teacher's "
                                      f"straightness {straightness:.4f}")
     if distributed()[1] > 1:
-        import torch.distributed as dist
         dist.barrier()
         pairs = torch.load(path, weights_only=True)
     return Images(pairs["images"], pairs["labels"], config.class_names, pairs["noise"])
@@ -3888,13 +3856,13 @@ def train_and_test_images(args, config, device):
     """A function that loads the checkpoint's data (or --data) as (train, test) Images, once,
     when first asked; a folder has no test split, so its test set is its training set."""
     loaded = []
+    images = lambda train: checked_data(config, args.data, args.data_dir, train).decode()
 
     def load():
         if not loaded:
-            train = load_images(config, args.data, args.data_dir, True, device)
+            train = images(True).to(device)
             a_folder = (args.data or config.data) not in DATASETS
-            loaded.extend([train, train if a_folder else load_images(
-                config, args.data, args.data_dir, False, device)])
+            loaded.extend([train, train if a_folder else images(False).to(device)])
         return tuple(loaded)
     return load
 
@@ -3906,12 +3874,6 @@ def noisy_classifier_for(args, scale, scheduler, config, data, device):
         return None
     path = os.path.join(cache_folder(args.ckpt), "noisy_classifier.pt")
     return get_noisy_classifier(path, scheduler, config, data, device)
-
-
-def save_animation(frames, path, nrow, max_frames=60):
-    """The denoising as a GIF: one grid per step (at most max_frames), the last held a second."""
-    frames = spread(frames, max_frames)
-    save_gif([as_picture(frame, nrow, scale=1, pad_value=0) for frame in frames], path)
 
 
 def load_init_image(path, config):
@@ -3959,7 +3921,8 @@ def command_sample(args):
     print(f"wrote {args.output} ({count * len(scales)} images, {sampler} with {evaluations} "
           f"network evaluations)")
     if args.gif:
-        save_animation([torch.cat(step) for step in zip(*frames)], args.gif, nrow)
+        steps = spread([torch.cat(step) for step in zip(*frames)], 60)  # a grid each step
+        save_gif([as_picture(step, nrow, scale=1, pad_value=0) for step in steps], args.gif)
         print(f"wrote {args.gif}")
 
 
