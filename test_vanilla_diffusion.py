@@ -2247,6 +2247,19 @@ def test_the_vae_stage_scales_the_latents_to_unit_variance(tiny_mnist, tmp_path)
     assert (tmp_path / "vae.pt").is_file()
 
 
+def test_a_latent_models_default_patch_is_the_largest_that_divides_its_latent(tiny_mnist):
+    """The pixel default over f, or the largest divisor of the latent below it (the
+    unconditional 7 over f = 2 is 3, which 14 does not take); a given --patch-size is kept."""
+    found = vd.find_data("mnist", tiny_mnist)
+    for flags, patch in [(["--cond"], 2), ([], 2), (["--latent-factor", "4"], 1),
+                         (["--patch-size", "7"], 7), (["--cond", "--latent-factor", "4"], 1)]:
+        args = vd.build_parser().parse_args(["train", "--latent", *flags])
+        config = vd.data_config(vd.config_from_flags(args), found, args.cond,
+                                args.patch_size is not None)
+        assert config.patch_size == patch, flags
+        vd.check_model_shape(config)  # the shape the run would be refused for
+
+
 def test_a_latent_run_samples_pictures_resumes_exactly_evaluates_and_shows(tiny_mnist, tmp_path,
                                                                           capsys, quick_show):
     latent = ["--cond", "--latent"]

@@ -24,10 +24,10 @@ Symbols used in the comments (paper → code):
     β_t, α_t = 1 − β_t → scheduler.betas, scheduler.alphas
     ᾱ_t = ∏_{s≤t} α_s  → scheduler.alpha_bar
     SNR_t = ᾱ_t/(1−ᾱ_t) → log_snr(scheduler) (II.3) holds log SNR_t
-    σ_t = √((1−ᾱ_t)/ᾱ_t) → sigma_table(scheduler) (II.13), the σ view's noise level; σ means
-                         only this. The reverse step's standard deviation (Ho et al.'s σ_t,
-                         DDIM's σ_t(η)) is std_t; log SNR's N(P_mean, P_std²) is EDM's; the
-                         flow SDE's noise is g_s; the VAE's variance is e^ℓ
+    σ_t = √((1−ᾱ_t)/ᾱ_t) → sigma_table(scheduler) (II.13), the σ view's noise level, and only
+                         that: the reverse step's std (Ho et al.'s σ_t, DDIM's σ_t(η)) is std_t,
+                         the flow SDE's noise g_s, the VAE's variance e^ℓ; P_mean, P_std are of
+                         log SNR (EDM's: of ln σ = −½·log SNR, II.3)
     ε, ε_θ(x_t, t, c)  → noise, pred_noise
     c, ∅               → labels, NULL_LABEL (the "no label" row of the label embedding)
     w                  → guidance_scale
@@ -180,9 +180,9 @@ class NoiseScheduler:
 # ---------------------------------------------------------------------------------------------
 # I.3 DiT: a noise predictor ε_θ(x_t, t, c) (Peebles & Xie 2023).
 #     Image patches become tokens; the timestep enters every block through adaLN-Zero (adaptive
-#     layer norm whose gates start at zero); the label's tokens are the keys and values of a
-#     cross-attention, as text is in Stable Diffusion. DiT itself feeds t + c to adaLN; reading only
-#     t there and c through cross-attention is PixArt-α's split (Chen et al. 2023).
+#     layer norm whose gates start at zero); the label's tokens and the timestep's are the keys and
+#     values of a cross-attention, as text is in Stable Diffusion. DiT feeds t + c to adaLN; t there
+#     and c through cross-attention is PixArt-α's split (Chen et al. 2023).
 #     Needs: I.1, `from dataclasses import dataclass`, `import math`, `import torch.nn as nn`,
 #     `import torch.nn.functional as F`.
 # ---------------------------------------------------------------------------------------------
@@ -448,11 +448,11 @@ def sample_ddpm_cfg(model, scheduler, labels, guidance_scale, shape, generator=N
 
 # =============================================================================================
 # Part II — the upgrades
-#   Each section replaces one piece of Part I and says what it buys. The defaults use II.1–II.6,
-#   II.8 (unconditional) and II.13 (conditional), on II.7's grid of timesteps (README: the
-#   ladder); the rest are flags. Each uses Part I and the sections above it, nothing later, and
-#   its banner's "Needs:" names every section and import a copy of it needs (besides `import
-#   torch`), transitively: copy those and it runs.
+#   Each section replaces one piece of Part I and says what it buys. The defaults use II.1–II.6
+#   and sample with II.8 on II.7's grid (unconditional) or II.13's DPM++ 2M on Karras σ's
+#   (conditional; the README's ladder measures up to II.8); the rest are flags. Each uses Part I
+#   and the sections above it, nothing later, and its banner's "Needs:" names every section and
+#   import a copy of it needs (besides `import torch`), transitively: copy those and it runs.
 # =============================================================================================
 
 # ---------------------------------------------------------------------------------------------
@@ -531,7 +531,7 @@ class ConvDiT(DiT):
 #   Idea: at high noise ε is almost x_t itself and carries no news, while v ≈ −x0: the network is
 #   asked to draw the image. Predicting x0 asks the same at high noise, but at low noise ε = (x_t −
 #   √ᾱ_t·x0)/√(1−ᾱ_t) divides its small errors by √(1−ᾱ_t) ≈ 0.01.
-#   Buys: v, the ladder's largest rung, distance 48 → 5.8; x0: README, "Samplers".
+#   Buys: v, the ladder's largest rung, distance 48 → 5.8; x0: docs/experiments.md.
 #   Needs: I.2.
 # ---------------------------------------------------------------------------------------------
 
@@ -569,7 +569,8 @@ def noise_from_output(scheduler, x_t, t, output, prediction):
 # II.3 Where t is drawn: log SNR ~ N(P_mean, P_std²) (EDM's log-normal, Karras et al. 2022)
 #   Replaces: I.5's uniform t. With the linear β, half of the uniform draws have SNR < 0.09, almost
 #   pure noise; drawing log SNR from N(−2, 2²) puts 77% of the steps at t ∈ [300, 800), where a
-#   digit's shape is decided.
+#   digit's shape is decided. (EDM draws ln σ = −½·log SNR ~ N(P_mean, P_std²): this default is
+#   their N(1, 1); their own (−1.2, 1.2) reads --logsnr-mean 2.4 --logsnr-std 2.4 here.)
 #   Buys: distance 5.8 → 5.1 at equal time (the ladder). min-SNR-γ (Hang et al. 2023) weights the
 #   loss instead; it is off, since it starves that range.
 #   Needs: I.1, I.2, I.5, II.0, II.2, `from dataclasses import dataclass`.
@@ -855,7 +856,8 @@ def dpm_solver_sampler(denoise, scheduler, x, timesteps, clip_x0=True):
 #   DPM-Solver++ ε̂ = ε_θ − s·√(1−ᾱ_t)·g (their Algorithm 2); DDPM shifts the step's mean, μ → μ +
 #   s·std_t²·g (Algorithm 1). CFG won: no second network, no gradient at every step (README:
 #   "Classifier guidance, the method CFG replaced").
-#   Buys: steering for an unconditional model, at a gradient a step (the README's table).
+#   Buys: steering for an unconditional model, at a gradient a step (README, "Classifier
+#   guidance, the method CFG replaced").
 #   Needs: I.1, I.2, I.3, I.4, I.5, `from dataclasses import dataclass`, `import math`,
 #   `import torch.nn as nn`, `import torch.nn.functional as F`.
 # ---------------------------------------------------------------------------------------------
@@ -1019,7 +1021,7 @@ def euler_sampler(denoise, x, s_grid, num_timesteps):
 #   − s < 0. a = 0 is Euler exactly; larger a adds fresh noise each step, like DDPM against DDIM. At
 #   s = 1, where 1 − s = 0, g_s reads 1 − s_next (as Flow-GRPO does); the last step, to s = 0, is
 #   Euler's.
-#   Buys: README, "Samplers" (the flow rows).
+#   Buys: docs/experiments.md, "The flow SDE on a flow checkpoint".
 #   Needs: I.1, I.2, I.5, II.10, `from dataclasses import dataclass`, `import math`.
 # ---------------------------------------------------------------------------------------------
 
@@ -1064,7 +1066,7 @@ def noised_start(scheduler, config, init_images, strength, noise):
 
 # ---------------------------------------------------------------------------------------------
 # II.13 The σ view (Karras et al. 2022, "EDM") and the samplers WebUI users know
-#   Replaces: II.7–8's steps on the timestep grid, optionally.
+#   Replaces: II.7–8's steps on the timestep grid (the conditional default; a flag otherwise).
 #   Idea: divide x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε by √ᾱ_t: x = x0 + σ·ε, with σ_t = √((1−ᾱ_t)/ᾱ_t). In
 #   this scale the probability-flow ODE is dx/dσ = (x − D(x; σ))/σ, where the denoiser D(x; σ) = x −
 #   σ·ε_θ(x/√(σ²+1), t_σ) is the network's clean image; so every ε-, v- or x0-network of this file
@@ -1144,7 +1146,8 @@ def euler_sigma_sampler(denoiser, x, sigmas):
 
 def ancestral_step(sigma, sigma_next, eta=1.0):
     """σ_down, σ_up: a deterministic step down to σ_down, then fresh noise of σ_up brings the
-    noise level to σ_next (σ_down² + σ_up² = σ_next²); η = 1 is DDPM's amount, 0 none."""
+    noise level to σ_next (σ_down² + σ_up² = σ_next²); η = 1 adds DDPM's posterior variance β̃_t,
+    0 none."""
     sigma_up = eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
     sigma_up = min(sigma_next, sigma_up)
     return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
@@ -1233,7 +1236,7 @@ def dpmpp_2m_sde_sampler(denoiser, x, sigmas, eta=1.0, generator=None):
 #   β_0 from being tiny. Their 1-based step τ is this file's t + 1, so the table holds ᾱ_t = ᾱ(t +
 #   1) and β_t = 1 − ᾱ(t + 1)/ᾱ(t); the β of the last step, where ᾱ(T) = 0, would be 1, so each β is
 #   clipped at 0.999 (their §3.2): the reverse step's 1/√α_t stays finite.
-#   Buys: README, "Samplers".
+#   Buys: docs/experiments.md (README, "Samplers", points there).
 #   Needs: I.1, I.2, II.0, `from dataclasses import dataclass`, `import math`.
 # ---------------------------------------------------------------------------------------------
 
@@ -1926,7 +1929,8 @@ def network_evaluations(sampler, steps):
 
 
 def sampler_timesteps(sampling, scheduler, start_t):
-    """The timesteps a few-step sampler evaluates: II.7's grid, or Karras σ's snapped to it."""
+    """The timesteps a few-step sampler evaluates: II.7's grid, or Karras σ's, each moved to
+    the nearest of the T timesteps."""
     name = sampling.sampler
     count = heun_steps(sampling.steps) if name.startswith("heun") else sampling.steps
     if not name.endswith("-karras"):
@@ -2371,7 +2375,7 @@ class StopOnCtrlC:
 
 class Progress:
     """A line every few seconds (step, loss, lr, images/s, ETA) and, per epoch, the loss per
-    tenth of t: the README lists reference values to compare with."""
+    tenth of t: docs/experiments.md lists reference values to compare with."""
 
     def __init__(self, first_step, total_steps, batch_size, num_images, device):
         self.total_steps, self.batch_size = total_steps, batch_size
@@ -3280,7 +3284,8 @@ def add_backbone_flags(parser, defaults=Config()):
              f"{defaults.unet_channels})")
     add("--latent", action="store_true", default=None,
         help="II.16 latent diffusion: train a VAE first (cached in --out-dir), then the "
-             "denoiser on its latents (default patch size: the pixel default / f)")
+             "denoiser on its latents (default patch size: the largest that divides the latent, "
+             "at most the pixel default / f)")
     add("--latent-channels", type=positive_int, default=None,
         help=f"II.16 L, the latent's channels (default: {defaults.latent_channels})")
     add("--latent-factor", type=int, choices=[2, 4], default=None,
@@ -3345,7 +3350,7 @@ def add_sampler_option_flags(parser):
     add = parser.add_argument
     add("--eta", type=number_in(0, 1), default=None,
         help="fresh noise in [0, 1] of ddim (default 0: deterministic), euler-a and dpm++2m-sde "
-             "(default 1); 1 is as much as DDPM adds")
+             "(default 1); 1 adds DDPM's posterior variance β̃_t")
     add("--sigma-min", type=number_in(0, 1000, low_open=True), default=None,
         help="the smallest σ of the *-karras samplers (default: 0.2, where these models stop "
              "speckling; WebUI's is the table's smallest, 0.01)")
@@ -3519,8 +3524,6 @@ def config_from_flags(args):
     if given.get("objective") == "flow":  # a flow model samples with Euler steps
         defaults = replace(defaults, sampler="euler", sample_steps=20)
     config = replace(defaults, **given)
-    if config.latent and "patch_size" not in per_kind:  # the latent is f times smaller
-        config = replace(config, patch_size=max(1, config.patch_size // config.latent_factor))
     if config.latent:  # a latent is not in [−1, 1]: II.6's clamp would cut it
         config = replace(config, clip_x0=False)
     return config
@@ -3553,16 +3556,22 @@ def prepare_training(args, device, ckpt_path):
     return config_from_flags(args), None, args.seed
 
 
-def data_config(config, found, cond):
-    """A new run's config with the data it trains on: the set, its size, channels, classes."""
+def data_config(config, found, cond, patch_given=True):
+    """A new run's config with the data it trains on: the set, its size, channels, classes; a
+    latent model's default patch, the largest that divides the latent up to the pixel patch / f."""
     if cond and not found.class_names and found.data != "mnist":
         raise UserError(f"--cond learns classes, but {found.data} has no subfolders: put the "
                         f"pictures of each class in a subfolder of its own, or drop --cond")
     if cond and len(found.class_names) == 1:
         raise UserError(f"--cond needs two classes at least, but {found.data} has one class "
                         f"folder ({found.class_names[0]}); add another, or drop --cond")
-    return replace(config, data=found.data, image_size=found.size, channels=found.channels,
-                   num_classes=found.num_classes, class_names=found.class_names)
+    config = replace(config, data=found.data, image_size=found.size, channels=found.channels,
+                     num_classes=found.num_classes, class_names=found.class_names)
+    if config.latent and not patch_given:  # the latent is f times smaller
+        side, f = found.size // config.latent_factor, config.latent_factor
+        patch = max(k for k in range(1, max(1, config.patch_size // f) + 1) if side % k == 0)
+        config = replace(config, patch_size=patch)
+    return config
 
 
 def distributed():
@@ -3716,7 +3725,8 @@ def training_set(args, config, checkpoint, seed, device):
         config, initial = distilled(teacher.config, args), teacher.model.state_dict()
     elif checkpoint is None:  # a new run: the data decides the image's shape and the classes
         found = find_data(args.data or "mnist", args.data_dir, True, args.image_size)
-        return data_config(config, found, args.cond), found, None, None
+        config = data_config(config, found, args.cond, args.patch_size is not None)
+        return config, found, None, None
     elif config.pairs:  # a reflow resumed: its pairs are cached in --out-dir
         return config, pairs_set(config.reflow_from, config.pairs, args.out_dir, seed,
                                  device)[1], None, None
