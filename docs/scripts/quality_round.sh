@@ -31,3 +31,9 @@ lever half "--max-steps 4687"
 lever double "--epochs 10"
 mkdir -p "$OUT/uncond" && cp assets/models/unconditional.pt "$OUT/uncond/ckpt.pt"
 judge "$OUT/uncond" "" "shipped unconditional model"
+# The third session's rows: the log-SNR mean on the unconditional model, the EMA's cap, min-SNR-γ
+python vanilla_diffusion.py train --data-dir "$DATA" --out-dir "$OUT/uncond_lsm1" --overwrite \
+  --logsnr-mean -1 2>&1 | tail -2 >> "$OUT/results.log"
+judge "$OUT/uncond_lsm1" "" "uncond_lsm1: --logsnr-mean -1"
+lever ema9995 "--ema-decay 0.9995"
+lever minsnr5 "--min-snr-gamma 5"
