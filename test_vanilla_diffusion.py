@@ -1373,7 +1373,7 @@ def test_the_sampler_rows_share_one_noise_and_end_with_ddpm_over_all_t(scheduler
     noise, calls, real_generate = torch.randn(2, 1, 4, 4), [], vd.generate
     monkeypatch.setattr(vd, "generate", lambda *a, **k: calls.append(k) or real_generate(*a, **k))
     rows = vd.sampler_rows(ExactDenoiser(X_STAR, scheduler, "eps"), scheduler, config, None,
-                           1.0, None, noise, (1, 3))
+                           1.0, None, noise, vd.samplers_to_show(config, (1, 3)))
     names = ["ddim", "dpm", *vd.SHOW_SIGMA_SAMPLERS]
     assert [(k["sampler"], k["steps"]) for k in calls] == [
         *[(name, count) for name in names for count in (1, 3)], ("ddpm", T)]
@@ -1874,7 +1874,8 @@ SHOW_FILES = ["1_what_it_sees.png", "2_coarse_to_fine.gif", "2_coarse_to_fine.pn
 
 @pytest.fixture
 def quick_show(monkeypatch):
-    """show's few-steps picture at 1 and 2 evaluations only: the same code, a tenth the work."""
+    """show's few-steps picture at 1 and 2 evaluations only (3 of the 88 a sampler): the same
+    code, less work."""
     monkeypatch.setattr(vd, "SHOW_EVALUATIONS", (1, 2))
 
 

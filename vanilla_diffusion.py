@@ -2744,9 +2744,10 @@ def evaluate(model, scheduler, config, classifier, data, *, settings, guidance_s
     labels = None
     if config.cond or classifier_scales:  # per_label of each class, in order
         labels = torch.arange(len(names), device=device).repeat_interleave(per_label)
-    columns = SETTING_COLUMNS + ([("s", 4, "g", "s")] if classifier_scales else []) + (
-        CLASS_COLUMNS + DISTANCE_COLUMNS if labels is not None else DISTANCE_COLUMNS + [
-            ("confident", 10, ".1%", "confident")]) + [("s/image", 8, ".2g", "seconds")]
+    setting = SETTING_COLUMNS + ([("s", 4, "g", "s")] if classifier_scales else [])
+    judged = CLASS_COLUMNS + DISTANCE_COLUMNS if labels is not None else DISTANCE_COLUMNS + [
+        ("confident", 10, ".1%", "confident")]
+    columns = setting + judged + [("s/image", 8, ".2g", "seconds")]
     print_row(columns, tail="" if labels is not None else "share of each predicted class")
     for (sampler, steps), w, s in itertools.product(settings, guidance_scales,
                                                      classifier_scales or [0.0]):
@@ -2826,16 +2827,20 @@ def label_attention(model, x_t, t, labels):
     return torch.stack([F.interpolate(m, size=(grid, grid)) for m in maps]).mean(0)[:, 0]
 
 
-def sampler_rows(model, scheduler, config, labels, guidance_scale, guide, noise, evaluations):
-    """From one noise: each sampler at each number of network evaluations, and DDPM over all
-    T as the reference (its own row of one). {name: [images [B, C, H, W], ...]}"""
+def samplers_to_show(config, evaluations):
+    """The samplers a checkpoint takes, each at every number of network evaluations, and (for a
+    DDPM checkpoint) DDPM over all T as the reference, its own row of one: {name: counts}."""
     if config.distill_from:  # II.18: its own sampler only (draw_few_steps adds the teacher)
-        steps = {"consistency": evaluations}
-    elif config.objective == "flow":
-        steps = {"euler": evaluations}
-    else:
-        steps = {name: evaluations for name in ["ddim", "dpm", *SHOW_SIGMA_SAMPLERS]}
-        steps["ddpm"] = [config.num_timesteps]
+        return {"consistency": evaluations}
+    if config.objective == "flow":
+        return {"euler": evaluations}
+    steps = {name: evaluations for name in ["ddim", "dpm", *SHOW_SIGMA_SAMPLERS]}
+    return {**steps, "ddpm": [config.num_timesteps]}
+
+
+def sampler_rows(model, scheduler, config, labels, guidance_scale, guide, noise, steps):
+    """From one noise: each sampler of steps = {name: counts} at each count of network
+    evaluations. {name: [images [B, C, H, W], ...]}"""
     return {name: [generate(model, scheduler, config, labels, shape=noise.shape,
                             guidance_scale=guidance_scale, sampler=name, steps=count,
                             guide=guide, noise=noise, generator=torch.Generator().manual_seed(0))
@@ -3063,11 +3068,9 @@ def teacher_row(scene, noise):
     device = next(scene.model.parameters()).device
     model, scheduler, config, guide, _ = load_model(scene.config.distill_from, device)
     sampler = sampler_and_steps(config)[0]
-    return {f"teacher:\n{sampler}": [
-        generate(model, scheduler, config, scene.sample_labels(3), shape=noise.shape,
-                 guidance_scale=default_guidance_scale(config), sampler=sampler, steps=count,
-                 guide=guide, noise=noise, generator=torch.Generator().manual_seed(0))
-        for count in SHOW_EVALUATIONS]}
+    row = sampler_rows(model, scheduler, config, scene.sample_labels(3),
+                       default_guidance_scale(config), guide, noise, {sampler: SHOW_EVALUATIONS})
+    return {f"teacher:\n{sampler}": row[sampler]}
 
 
 def draw_few_steps(scene):
@@ -3077,7 +3080,7 @@ def draw_few_steps(scene):
                           torch.Generator().manual_seed(scene.seed))
     images = sampler_rows(scene.model, scene.scheduler, scene.config, scene.sample_labels(3),
                           default_guidance_scale(scene.config), scene.guide, noise,
-                          SHOW_EVALUATIONS)
+                          samplers_to_show(scene.config, SHOW_EVALUATIONS))
     if scene.config.distill_from and os.path.isfile(scene.config.distill_from):
         images.update(teacher_row(scene, noise))
     rows = []
@@ -3556,7 +3559,7 @@ def prepare_training(args, device, ckpt_path):
     return config_from_flags(args), None, args.seed
 
 
-def data_config(config, found, cond, patch_given=True):
+def data_config(config, found, cond, patch_given):
     """A new run's config with the data it trains on: the set, its size, channels, classes; a
     latent model's default patch, the largest that divides the latent up to the pixel patch / f."""
     if cond and not found.class_names and found.data != "mnist":
@@ -3702,7 +3705,8 @@ def distillation_teacher(path, device):
 
 
 def distilled(config, args):
-    """A student's config: its teacher's, sampled by II.18's consistency sampling, one pass."""
+    """A student's config: its teacher's, sampled by II.18's consistency sampling in one
+    evaluation, with the teacher's guidance built in (w = 1)."""
     return replace(config, distill_from=os.path.abspath(args.distill_from),
                    lr=args.lr or DISTILLATION_LR, batch_size=args.batch_size,
                    consistency_steps=args.consistency_steps, epochs=args.epochs or config.epochs,
