@@ -2481,6 +2481,19 @@ def test_a_distillation_refuses_a_teacher_or_flags_it_cannot_use(tiny_mnist, tmp
     assert not (tmp_path / "bad").exists()
 
 
+def test_a_distillation_resumes_only_from_the_teacher_it_started_from(tiny_mnist, tmp_path,
+                                                                     capsys):
+    teacher = train_tiny(tiny_mnist, tmp_path / "teacher", "--cond", steps=1)
+    student = tmp_path / "student"
+    vd.main(["train", "--distill-from", teacher, "--data-dir", tiny_mnist, "--max-steps", "1",
+             "--out-dir", str(student), "--device", "cpu"])
+    saved = (student / "ckpt.pt").read_bytes()
+    train_tiny(tiny_mnist, tmp_path / "teacher", "--cond", "--overwrite", "--seed", "1", steps=1)
+    expect_one_line_error(["train", "--resume", "--max-steps", "2", "--data-dir", tiny_mnist,
+                           "--out-dir", str(student)], "is not the file this distillation", capsys)
+    assert (student / "ckpt.pt").read_bytes() == saved
+
+
 def test_a_consistency_model_refuses_other_samplers_and_guidance(tiny_mnist, tmp_path, capsys):
     teacher = train_tiny(tiny_mnist, tmp_path / "teacher", "--cond", steps=1)
     student = str(tmp_path / "student" / "ckpt.pt")

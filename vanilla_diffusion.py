@@ -2,7 +2,7 @@
 
 Start here: two trained models ship in assets/models/, so the first command draws at once.
     python vanilla_diffusion.py sample --label 4      # sixteen 4s into samples.png, in seconds
-    python vanilla_diffusion.py train --cond          # your own model (7–9 min on 2 CPU cores)
+    python vanilla_diffusion.py train --cond          # your own model (9–16 min on 2 CPU cores)
     python vanilla_diffusion.py evaluate              # judge it: label accuracy, Fréchet distance
     python vanilla_diffusion.py show                  # pictures of what it does at each step
     python vanilla_diffusion.py train --cond --vanilla --out-dir runs/vanilla   # exactly Part I
@@ -15,9 +15,8 @@ conv stem, II.2 v- and x0-prediction, II.3 where t is drawn, II.4 EMA, II.5 guid
 Denoiser, II.6 the clamped x0, II.7 DDIM, II.8 DPM-Solver++, II.9 classifier guidance, II.10
 rectified flow, II.11 the flow SDE, II.12 image-to-image, II.13 the σ view (WebUI's samplers),
 II.14 cosine, II.15 a UNet, II.16 latent diffusion, II.17 reflow, II.18 consistency distillation.
-Each banner says what the section replaces, the idea and its paper, what it buys, and what a copy
-of it needs. Part III — the tool: data, sampling by name, checkpoints, the run (and torchrun),
-evaluate, show, the CLI.
+Each banner says what the section replaces, the idea and its paper, what it buys, what it needs.
+Part III — the tool: data, sampling by name, checkpoints, runs (torchrun), evaluate, show, CLI.
 
 Symbols used in the comments (paper → code):
     T                  → config.num_timesteps        t ∈ {0, …, T−1}, 0-based, indexes the tables
@@ -37,6 +36,7 @@ import argparse
 import collections
 import copy
 import functools
+import hashlib
 import itertools
 import math
 import os
@@ -490,6 +490,7 @@ class Config(Config):
     reflow_from: str = ""           # II.17 the flow checkpoint whose coupled pairs it learns
     pairs: int = 0                  #   how many (0: not a reflow)
     distill_from: str = ""          # II.18 the checkpoint whose consistency function it learns
+    teacher_digest: str = ""        #   its file's SHA-256: a resume checks it is the same file
     consistency_steps: int = 10     #   N, the steps of the distillation grid
 
 
@@ -3081,7 +3082,8 @@ def draw_few_steps(scene):
     images = sampler_rows(scene.model, scene.scheduler, scene.config, scene.sample_labels(3),
                           default_guidance_scale(scene.config), scene.guide, noise,
                           samplers_to_show(scene.config, SHOW_EVALUATIONS))
-    if scene.config.distill_from and os.path.isfile(scene.config.distill_from):
+    teacher = scene.config.distill_from
+    if teacher and os.path.isfile(teacher) and same_teacher(scene.config):  # else no teacher row
         images.update(teacher_row(scene, noise))
     rows = []
     for name, row in images.items():
@@ -3704,10 +3706,22 @@ def distillation_teacher(path, device):
     return teacher
 
 
+def file_digest(path):
+    """The SHA-256 of a file's bytes."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def same_teacher(config):
+    """Whether a consistency model's teacher file (it exists) is the one it learnt from."""
+    return not config.teacher_digest or file_digest(config.distill_from) == config.teacher_digest
+
+
 def distilled(config, args):
     """A student's config: its teacher's, sampled by II.18's consistency sampling in one
     evaluation, with the teacher's guidance built in (w = 1)."""
     return replace(config, distill_from=os.path.abspath(args.distill_from),
+                   teacher_digest=file_digest(args.distill_from),
                    lr=args.lr or DISTILLATION_LR, batch_size=args.batch_size,
                    consistency_steps=args.consistency_steps, epochs=args.epochs or config.epochs,
                    sampler="consistency", sample_steps=1, guidance_scale=1.0,
@@ -3734,8 +3748,12 @@ def training_set(args, config, checkpoint, seed, device):
     elif config.pairs:  # a reflow resumed: its pairs are cached in --out-dir
         return config, pairs_set(config.reflow_from, config.pairs, args.out_dir, seed,
                                  device)[1], None, None
-    elif config.distill_from:  # a distillation resumed: its teacher again
+    elif config.distill_from:  # a distillation resumed: its teacher again, the same file
         teacher, initial = distillation_teacher(config.distill_from, device), None
+        if not same_teacher(config):
+            raise UserError(f"cannot resume: the teacher {config.distill_from} is not the file "
+                            f"this distillation started from (it was retrained or replaced); "
+                            f"put it back, or start over with --overwrite")
     found = checked_data(config, args.data, args.data_dir, True)
     if not config.distill_from:
         return config, found, None, None
