@@ -2,7 +2,7 @@
 # Issue 34: one step. Consistency distillation (II.18) of the shipped conditional model, the
 # flow teacher and its reflow (II.17), then each at 1, 2 and 4 network evaluations beside the
 # default sampler, judged at 10,000 samples. Run from the repository root, one run at a time;
-# about 25 + 10 + 25 minutes of training on 2 CPU cores, and 10 of judging.
+# about 25 + 13 + 18 minutes of training on 2 CPU cores (the 2026-12-04 AMD), and 20 of judging.
 set -euo pipefail
 DATA=${DATA:-../shared/data}
 OUT=runs/one_step
@@ -16,4 +16,5 @@ judge() { python vanilla_diffusion.py evaluate --data-dir "$DATA" --per-label 10
 judge $OUT/default/ckpt.pt --guidance-scales 1.5 \
   --samplers dpm++2m-karras:1,dpm++2m-karras:2,dpm++2m-karras:4,dpm++2m-karras:15
 judge $OUT/consistency/ckpt.pt --samplers consistency:1,consistency:2,consistency:4
+judge $OUT/flow/ckpt.pt --guidance-scales 1.5 --samplers euler:1,euler:2,euler:4,euler:15
 judge $OUT/reflow/ckpt.pt --guidance-scales 1.5 --samplers euler:1,euler:2,euler:4

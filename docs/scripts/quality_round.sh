@@ -37,3 +37,7 @@ python vanilla_diffusion.py train --data-dir "$DATA" --out-dir "$OUT/uncond_lsm1
 judge "$OUT/uncond_lsm1" "" "uncond_lsm1: --logsnr-mean -1"
 lever ema9995 "--ema-decay 0.9995"
 lever minsnr5 "--min-snr-gamma 5"
+# The fourth session's rows: min-SNR-γ's second seed, half the peak lr, width 96 at equal time
+lever minsnr5s1 "--min-snr-gamma 5 --seed 1"
+lever lr2e3 "--lr 2e-3"
+lever width96 "--width 96 --max-steps 8150"
