@@ -1599,6 +1599,15 @@ def test_unconditional_run_keeps_an_early_guide_and_evaluates_with_and_without_i
     assert all(row[6].endswith("%") for row in rows)  # the share of confident samples
 
 
+def test_evaluate_judges_the_model_alone_and_as_sample_draws_it_by_default(trained, tiny_mnist,
+                                                                           capsys):
+    vd.main(["evaluate", "--ckpt", trained, "--data-dir", tiny_mnist, "--per-label", "1",
+             "--samplers", "ddim:2"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.strip().startswith("ddim")]
+    assert [row[2] for row in rows] == ["1", f"{vd.Config().guidance_scale:g}"]  # CFG's own w
+
+
 def test_sample_without_label_draws_one_row_per_digit(trained, tmp_path):
     vd.main(["sample", "--ckpt", trained, "--n", "2", "--steps", "2",
              "--output", str(tmp_path / "all.png")])

@@ -3369,8 +3369,8 @@ def add_evaluate_flags(parser):
     add = parser.add_argument
     add_ckpt_flag(parser, "to evaluate")
     add("--guidance-scales", type=finite_numbers, default=None,
-        help="comma-separated w values (default: 0,1,2,3,5 for a conditional model; 1 and "
-             "the checkpoint's for an unconditional one with a guide)")
+        help="comma-separated w values (default: 1, the model alone, and the checkpoint's "
+             "own w, CFG's or an unconditional guide's)")
     add("--guidance-interval", type=interval, default=None,
         help="LO,HI: guide only where t/(T−1) lies in [LO, HI] (default: the checkpoint's)")
     add("--samplers", default=None,
@@ -4006,11 +4006,9 @@ def command_evaluate(args):
     guidance_interval = args.guidance_interval or (config.guidance_low, config.guidance_high)
     if config.objective == "flow":
         print_straightness(model, scheduler, config, guide, args.seed)
-    scales = args.guidance_scales or [0.0, 1.0, 2.0, 3.0, 5.0]
-    if config.distill_from:
-        scales = [1.0]
-    elif not config.cond:  # w = 1: the model alone; then autoguidance, if there is a guide
-        scales = args.guidance_scales or [1.0] + ([config.autoguidance_scale] if guide else [])
+    own = default_guidance_scale(config)  # w = 1: the model alone; then as `sample` draws
+    guided = own != 1 and (config.cond or guide is not None)
+    scales = args.guidance_scales or [1.0] + ([own] if guided else [])
     print(f"checkpoint {args.ckpt}: step {state['step']}, objective {config.objective}; "
           f"{args.per_label * config.num_classes} samples per setting; guidance where t/(T−1) ∈ "
           f"[{guidance_interval[0]:g}, {guidance_interval[1]:g}]")
