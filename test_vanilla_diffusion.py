@@ -1341,6 +1341,26 @@ def test_frechet_distance_matches_the_gaussian_closed_form():
     assert vd.frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
 
 
+class FirstPixelJudge(torch.nn.Module):
+    """A judge that calls an image 1 where its first pixel is bright, else 0."""
+    def features(self, x):
+        return x.flatten(1)                                                    # [N, C·H·W]
+
+    def head(self, features):
+        return torch.stack([-features[:, 0], features[:, 0]], dim=1) * 10     # [N, 2]
+
+
+def test_the_floor_line_gives_the_judges_accuracy_on_the_real_images(capsys):
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (400,), generator=generator)
+    pixels = torch.randint(0, 256, (400, 1, 2, 2), generator=generator, dtype=torch.uint8)
+    pixels[:, 0, 0, 0] = labels * 255
+    pixels[:100, 0, 0, 0] = 255 - pixels[:100, 0, 0, 0]  # a quarter the judge gets wrong
+    real = vd.Images(pixels, labels, ())
+    vd.real_data_reference(FirstPixelJudge(), real, real, 400, seed=0)
+    assert "(the floor): distance 0.00, accuracy 75.00%" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------
 # The math behind `show`'s pictures
 # ---------------------------------------------------------------------------------------------
@@ -1703,7 +1723,7 @@ def test_every_train_flag_reaches_the_config():
     """Each training flag, set away from its default, arrives in Config under its own name."""
     flags = {"epochs": "3", "batch_size": "8", "lr": "0.002", "label_drop": "0.2",
              "warmup_steps": "7", "ema_decay": "0.99", "min_snr_gamma": "5",
-             "t_sampling": "uniform", "logsnr_mean": "-1", "logsnr_std": "1.5",
+             "t_sampling": "uniform", "logsnr_mean": "-1.5", "logsnr_std": "1.5",
              "patch_size": "7", "width": "32", "depth": "2", "heads": "4",
              "conv_channels": "8", "prediction": "eps", "adam_beta2": "0.95",
              "schedule": "cosine"}
@@ -1929,7 +1949,8 @@ SHIPPED_PICTURES = {"conditional": ("shipped_fours.png", ["--label", "4"]),
                     "unconditional": ("shipped_unconditional.png", [])}
 # how each was made (README, "Run it"): the defaults trained longer, then shipped with the
 # guidance scale judged best for it (docs/scripts/ship_checkpoint.py's third argument)
-SHIPPED_RECIPES = {"conditional": (["train", "--cond", "--epochs", "20"], {"guidance_scale": 1.3}),
+SHIPPED_RECIPES = {"conditional": (["train", "--cond", "--epochs", "20", "--logsnr-mean", "-2"],
+                                   {"guidance_scale": 1.3}),
                    "unconditional": (["train"], {})}
 
 

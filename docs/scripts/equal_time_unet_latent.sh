@@ -4,7 +4,7 @@
 # latent DiT 588 after a 67 s VAE).
 mkdir -p runs/equal_time && cd runs/equal_time
 F=../../vanilla_diffusion.py
-D="--data-dir ../../../shared/data"
+D="--data-dir ../../../shared/data --logsnr-mean -2"  # the default of then (now −1)
 for spec in "unet16 --arch unet --unet-channels 16 --max-steps 5150" \
             "unet32 --arch unet --unet-channels 32 --max-steps 2610" \
             "latent --latent --max-steps 9570"; do
@@ -14,6 +14,6 @@ for spec in "unet16 --arch unet --unet-channels 16 --max-steps 5150" \
   tail -1 $name/train.log
 done
 for name in unet16 unet32 latent; do
-  python $F evaluate --ckpt $name/ckpt.pt $D --guidance-scales 1.5 > $name/eval.log 2>&1
+  python $F evaluate --ckpt $name/ckpt.pt --data-dir ../../../shared/data --guidance-scales 1.5 > $name/eval.log 2>&1
   echo "== $name"; tail -3 $name/eval.log
 done

@@ -11,9 +11,10 @@ judge() {  # checkpoint folder, evaluate flags, name
   python vanilla_diffusion.py evaluate --ckpt "$1/ckpt.pt" --data-dir "$DATA" --per-label 1000 \
     $2 | grep -v "^  [a-z]* step \|^  drew " >> "$OUT/results.log"  # not the progress lines
 }
+BEFORE="--logsnr-mean -2"  # the default of the rows before 2026-12-07 (now −1); a lever's own wins
 lever() {  # name, train flags
   /usr/bin/time -f "%e s wall" python vanilla_diffusion.py train --cond --data-dir "$DATA" \
-    --out-dir "$OUT/$1" --overwrite $2 2>&1 | tail -2 >> "$OUT/results.log"
+    --out-dir "$OUT/$1" --overwrite $BEFORE $2 2>&1 | tail -2 >> "$OUT/results.log"
   judge "$OUT/$1" "--guidance-scales 1.5" "$1: $2"
 }
 # the 5-epoch default as shipped until 2026-12-04 (the shipped file is now the 4× model, below)
@@ -50,3 +51,13 @@ lever quad "--epochs 20"
 judge "$OUT/quad" "--guidance-scales 1,1.25,1.3,1.4" "quad: w"
 judge "$OUT/quad" "--guidance-scales 1.5 --samplers dpm++2m-karras:30" "quad: 30 evals"
 python docs/scripts/ship_checkpoint.py "$OUT/quad/ckpt.pt" assets/models/conditional.pt 1.3
+# The sixth session's rows (2026-12-07): the guidance interval on 1× and 4×, and log-SNR mean −1,
+# now the conditional default, on two seeds beside the old default's second seed
+judge "$OUT/shipped" "--guidance-scales 1.5,1.75,2 --guidance-interval 0.1,0.6" "interval 0.1,0.6"
+judge "$OUT/shipped" "--guidance-scales 1.75,2,2.5 --guidance-interval 0.1,0.5" "interval 0.1,0.5"
+judge "$OUT/quad" "--guidance-scales 1.4,1.5 --guidance-interval 0.1,0.5" "quad: interval 0.1,0.5"
+judge "$OUT/quad" "--guidance-scales 1.4 --guidance-interval 0.1,0.6" "quad: interval 0.1,0.6"
+BEFORE=""
+lever default "--seed 0"
+lever defaults1 "--seed 1"
+lever lsm2s1 "--logsnr-mean -2 --seed 1"
