@@ -573,8 +573,9 @@ def noise_from_output(scheduler, x_t, t, output, prediction):
 #   digit's shape is decided, and 6% below t = 100, where its background is cleaned (N(−2, 2²),
 #   the unconditional model's: 2%). (EDM draws ln σ = −½·log SNR ~ N(P_mean, P_std²): this
 #   default is their N(0.5, 1); their own (−1.2, 1.2) reads --logsnr-mean 2.4 --logsnr-std 2.4.)
-#   Buys: distance 5.8 → 5.1 at equal time (the ladder). min-SNR-γ (Hang et al. 2023) weights the
-#   loss instead; it is off, since it starves that range.
+#   Buys: distance 5.8 → 5.1 at equal time, at mean −2 (the ladder); −1 then cleans the background:
+#   7.8% → 5.8% faint pixels (docs/experiments.md). min-SNR-γ (Hang et al. 2023) weights the loss
+#   instead; it is off, since it starves that range.
 #   Needs: I.1, I.2, I.5, II.0, II.2, `from dataclasses import dataclass`.
 # ---------------------------------------------------------------------------------------------
 
@@ -2717,12 +2718,12 @@ def real_data_reference(classifier, train_images, test_images, count, seed):
     test_features = classify(classifier, test_images.pixels)[1]
     pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))
     pick = pick[:count].to(train_images.pixels.device)
-    probabilities, features = classify(classifier, train_images.pixels[pick])
+    real, labels = train_images.pixels[pick], train_images.labels[pick]
+    probabilities, features = classify(classifier, real)
     floor = frechet_distance(features, test_features)
-    accuracy = (probabilities.argmax(1) == train_images.labels[pick]).float().mean().item()
+    accuracy = (probabilities.argmax(1) == labels).float().mean().item()
     print(f"{count} real training images against the test set (the floor): distance "
-          f"{floor:.2f}, accuracy {accuracy:.2%}, faint pixels "
-          f"{faint_share(train_images.pixels[pick]):.1%}")
+          f"{floor:.2f}, accuracy {accuracy:.2%}, faint pixels {faint_share(real):.1%}")
     return test_features, floor
 
 
